@@ -1,0 +1,59 @@
+"""Dual encoders built through open_clip, from a model name or one of vlp's own JSON configs.
+
+vlp's configs (`vlp/models/configs/NAME.json`) are in open_clip's format and are registered with
+open_clip when first asked for, so a vlp model is an ordinary open_clip model: same forward,
+same `encode_image`/`encode_text`, same tokenizer and transforms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+VLP_MODELS: tuple[str, ...] = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+
+@dataclass
+class ModelBundle:
+    """A model with the callables that feed it."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+
+
+def list_models() -> list[str]:
+    """Every name `build_model` accepts: vlp's configs first, then open_clip's."""
+    return list(VLP_MODELS) + [m for m in open_clip.list_models() if m not in VLP_MODELS]
+
+
+def _register(name: str) -> None:
+    if name in VLP_MODELS and name not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR / f"{name}.json")
+
+
+def model_config(name: str) -> dict:
+    """The open_clip architecture config of `name` (embed_dim, vision_cfg, text_cfg, ...)."""
+    _register(name)
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"model.name: unknown model {name!r}; vlp models: {list(VLP_MODELS)}, "
+                         "or any name from open_clip.list_models()")
+    return cfg
+
+
+def build_model(name: str, *, pretrained: str | None = None) -> ModelBundle:
+    """Build model, train/val transforms and tokenizer; `pretrained` is a local weights file."""
+    model_config(name)  # validates the name with a clear error
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"model.pretrained: no such weights file {pretrained}")
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, output_dict=True
+    )
+    return ModelBundle(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name))

@@ -1,0 +1,232 @@
+"""Spawned gloo process groups and the per-rank jobs the distributed tests check.
+
+Shapes: b local batch, W world size, B = W·b global batch, Din input dim, D feature dim,
+K hard negatives per image.
+
+Each world size is spawned once; every job for it runs in that one process group and returns
+plain tensors to the test process, which compares them with a single-process reference.
+DDP is emulated: features come from per-rank linear "towers" with shared weights, and every
+parameter gradient is averaged over ranks (all_reduce / W) as DDP does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from vlp.distributed import build_backend
+
+WORLD_SIZES = (1, 2, 3, 4)
+KINDS = ("softmax", "sigmoid", "negatives")
+DTYPES = ("float64", "float32")
+INPUT_DIM, FEATURE_DIM, LOCAL_BATCH, NUM_NEGATIVES = 24, 32, 9, 3
+TILE_SIZES = {"softmax": 5, "sigmoid": 7, "negatives": 5}  # neither divides b = 9 nor b·K = 27
+
+
+def backends_for(world_size: int) -> tuple[str, ...]:
+    return ("local", "gather", "ring") if world_size == 1 else ("gather", "ring")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One loss on one backend in one dtype."""
+
+    backend: str
+    kind: str
+    dtype: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend}-{self.kind}-{self.dtype}"
+
+
+def all_cases(world_size: int) -> list[Case]:
+    return [
+        Case(backend, kind, dtype)
+        for backend in backends_for(world_size)
+        for kind in KINDS
+        for dtype in DTYPES
+    ]
+
+
+def make_inputs(kind: str, world_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The global batch's tower inputs and the shared parameters, identical on every rank.
+
+    Inputs have very different norms row to row; the logit scale is in [10, 50], the bias in
+    [-10, 0]. Values are drawn in float64 and rounded to `dtype`.
+    """
+    g = torch.Generator().manual_seed(1000 * world_size + KINDS.index(kind))
+    num = world_size * LOCAL_BATCH
+
+    def rows(*shape: int) -> Tensor:
+        norms = torch.exp(2 * torch.rand(*shape[:-1], 1, generator=g, dtype=torch.float64))
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * norms
+
+    values = {
+        "image_inputs": rows(num, INPUT_DIM),
+        "text_inputs": rows(num, INPUT_DIM),
+        "neg_inputs": rows(num, NUM_NEGATIVES, INPUT_DIM),
+        "image_proj": torch.randn(INPUT_DIM, FEATURE_DIM, generator=g, dtype=torch.float64),
+        "text_proj": torch.randn(INPUT_DIM, FEATURE_DIM, generator=g, dtype=torch.float64),
+        "log_scale": torch.log(10 + 40 * torch.rand((), generator=g, dtype=torch.float64)),
+        "bias": -10 * torch.rand((), generator=g, dtype=torch.float64),
+    }
+    return {name: value.to(dtype) for name, value in values.items()}
+
+
+PARAMETERS = ("image_proj", "text_proj", "log_scale", "bias")
+
+
+def towers(inputs: dict[str, Tensor], rows: slice) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Leaf parameters and the normalised features of `rows` (features retain their grads)."""
+    params = {name: inputs[name].clone().requires_grad_() for name in PARAMETERS}
+    features = {
+        "image": F.normalize(inputs["image_inputs"][rows] @ params["image_proj"], dim=-1),
+        "text": F.normalize(inputs["text_inputs"][rows] @ params["text_proj"], dim=-1),
+        "neg": F.normalize(inputs["neg_inputs"][rows] @ params["text_proj"], dim=-1),
+    }
+    for feature in features.values():
+        feature.retain_grad()
+    return params, features
+
+
+def backend_loss(backend: Any, kind: str, params: dict, features: dict) -> Tensor:
+    scale = params["log_scale"].exp()
+    if kind == "sigmoid":
+        return backend.sigmoid(features["image"], features["text"], scale, params["bias"])
+    negatives = features["neg"] if kind == "negatives" else None
+    return backend.softmax(features["image"], features["text"], scale, neg_text_features=negatives)
+
+
+def _ddp_mean(grad: Tensor) -> Tensor:
+    grad = grad.clone()
+    if dist.is_initialized():
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    return grad
+
+
+def gradient_job(rank: int, world_size: int, case: Case) -> dict[str, Tensor]:
+    """This rank's loss, raw feature gradients and DDP-averaged parameter gradients."""
+    inputs = make_inputs(case.kind, world_size, getattr(torch, case.dtype))
+    params, features = towers(inputs, slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH))
+    backend = build_backend(case.backend, tile_size=TILE_SIZES[case.kind])
+    loss = backend_loss(backend, case.kind, params, features)
+    loss.backward()
+    result = {"loss": loss.detach()}
+    result |= {f"grad_{k}": f.grad for k, f in features.items() if f.grad is not None}
+    result |= {f"grad_{k}": _ddp_mean(p.grad) for k, p in params.items() if p.grad is not None}
+    return result
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op outputs while active (forward and backward alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.numel() > self.max_numel:
+                self.max_numel, self.op = t.numel(), str(func)
+        return out
+
+
+MEMORY_PROBE = {"local_batch": 32, "dim": 8, "num_negatives": 2, "tile_size": 5}
+MEMORY_PROBE_WORLD_SIZES = (2, 3)  # one even, one odd ring (the probe costs a torch._dynamo import)
+
+
+def peak_numel_job(rank: int, world_size: int, backend: str, kind: str) -> dict[str, Any]:
+    """Largest tensor created by a loss forward+backward on this rank (inputs made outside)."""
+    b, dim, k, tile = (MEMORY_PROBE[n] for n in ("local_batch", "dim", "num_negatives", "tile_size"))
+    g = torch.Generator().manual_seed(rank)
+    x, y = (F.normalize(torch.randn(b, dim, generator=g), dim=-1).requires_grad_() for _ in "xy")
+    neg = F.normalize(torch.randn(b, k, dim, generator=g), dim=-1).requires_grad_()
+    scale, bias = torch.tensor(20.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
+    loss_backend = build_backend(backend, tile_size=tile)
+    with MaxNumel() as probe:
+        if kind == "sigmoid":
+            loss = loss_backend.sigmoid(x, y, scale, bias)
+        else:
+            loss = loss_backend.softmax(x, y, scale, neg_text_features=neg)
+        loss.backward()
+    return {"max_numel": probe.max_numel, "op": probe.op}
+
+
+def uneven_batch_job(rank: int, world_size: int, backend: str) -> str:
+    """The error message a backend raises when rank 1 has one more row than rank 0."""
+    b = 4 + (rank == 1)
+    x = F.normalize(torch.randn(b, 8), dim=-1)
+    try:
+        build_backend(backend).softmax(x, x, torch.tensor(10.0))
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def backend_choice_job(rank: int, world_size: int) -> dict[str, str]:
+    """Which backend 'auto' picks here, and what building 'local' says."""
+    try:
+        build_backend("local")
+        local = ""
+    except ValueError as error:
+        local = str(error)
+    return {"auto": build_backend("auto").name, "local_error": local}
+
+
+def world_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:
+    jobs: dict[str, tuple[Callable, dict]] = {
+        f"grad/{case.key}": (gradient_job, {"case": case}) for case in all_cases(world_size)
+    }
+    jobs["choice"] = (backend_choice_job, {})
+    for backend in ("ring", "gather"):
+        if world_size in MEMORY_PROBE_WORLD_SIZES:
+            for kind in ("negatives", "sigmoid"):
+                jobs[f"numel/{backend}-{kind}"] = (
+                    peak_numel_job, {"backend": backend, "kind": kind}
+                )
+        if world_size > 1:
+            jobs[f"uneven/{backend}"] = (uneven_batch_job, {"backend": backend})
+    return jobs
+
+
+def _rank_main(rank: int, world_size: int, store_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size
+    )
+    try:
+        results = {name: job(rank, world_size, **kwargs)
+                   for name, (job, kwargs) in world_jobs(world_size).items()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
+
+
+@functools.cache
+def world_results(world_size: int) -> list[dict[str, Any]]:
+    """Every job's result on every rank of one spawned gloo group of `world_size` processes."""
+    with tempfile.TemporaryDirectory() as store_dir:
+        mp.start_processes(
+            _rank_main, args=(world_size, store_dir), nprocs=world_size, start_method="spawn"
+        )
+        return [
+            torch.load(os.path.join(store_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]
+

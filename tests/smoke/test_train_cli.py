@@ -1,0 +1,101 @@
+"""`vlp train` end to end on a small ShapesWorld: loss falls, checkpoints, resume, 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlp.checkpoint import latest_checkpoint, list_checkpoints
+from vlp.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "shapesworld-tiny.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def small_run(tmp_path: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={cache}",
+        "data.synth.num_train=1200",
+        "data.synth.num_eval=96",
+        "data.synth.samples_per_shard=300",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "data.shuffle_buffer=200",
+        "optim.warmup_steps=5",
+        "optim.lr=2e-3",
+        "train.log_every=2",
+        "train.trackers=[jsonl]",
+        "eval.batch_size=64",
+        *extra,
+    ]
+
+
+def vlp(*args: str, launcher: tuple[str, ...] = (), timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, "-m", "vlp", *args] if launcher else [sys.executable, "-m", "vlp", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_training_lowers_the_loss_and_writes_the_report(tmp_path, cache):
+    proc = vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=40",
+                                                "checkpoint.every=20"))
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records][-1] == 40
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(run)] == ["step-000000020", "step-000000040"]
+    result = json.loads((run / "eval" / "zeroshot.json").read_text())
+    assert result["task"] == "zeroshot_classification"
+    assert set(result["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+    assert f"report: {run / 'report.md'}" in proc.stdout
+
+
+def test_resume_continues_from_the_saved_step(tmp_path, cache):
+    vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=4", "checkpoint.every=2"))
+    proc = vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=8",
+                                                "checkpoint.every=2"))
+    run = tmp_path / "run"
+    assert "resumed from" in proc.stdout + proc.stderr and "at step 4" in proc.stdout + proc.stderr
+    assert latest_checkpoint(run).name == "step-000000008"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]  # the second run logged only the steps after 4
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["samples_seen"] == 8 * 32
+
+
+def test_two_process_gloo_run_trains_and_checkpoints(tmp_path, cache):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no")
+    vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=4", "checkpoint.every=4"),
+        launcher=launcher)
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step-000000004"]
+    state = json.loads((run / "step-000000004" / "trainer_state.json").read_text())
+    assert state["samples_seen"] == 4 * 32 * 2  # both ranks' batches count
+
+
+def test_config_error_fails_before_training_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vlp", "train", str(RECIPE), "train.stpes=3",
+                           f"output_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "vlp train: error: unknown key 'train.stpes'; train accepts: steps, grad_accum, "
+        "mixed_precision, seed, log_every, trackers"]
+    assert not (tmp_path / "run").exists()

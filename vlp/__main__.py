@@ -1,0 +1,5 @@
+import sys
+
+from vlp.cli import main
+
+sys.exit(main())

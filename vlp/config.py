@@ -1,0 +1,325 @@
+"""The typed run config: a YAML recipe plus dotted CLI overrides, validated before a run starts.
+
+Precedence is dataclass defaults < recipe YAML < `key.sub=value` overrides. Unknown keys, wrong
+types and impossible combinations raise `ConfigError` naming the dotted key, so a mistake fails
+in second 1, not at hour 3. The resolved config is written to the run folder and into every
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vlp-tiny"
+    """open_clip model name (`ViT-B-32`, ...) or one of vlp's own configs (`vlp-tiny`)."""
+    pretrained: str | None = None
+    """Local weights file (.safetensors, or .pt read with weights_only) to start from; None = random."""
+
+
+@dataclass
+class SynthConfig:
+    """ShapesWorld generated on first use into `data.cache_dir` and reused afterwards."""
+
+    num_train: int = 50_000
+    """Training samples written to shards."""
+    num_eval: int = 2_000
+    """Samples in each evaluation set (zero-shot, retrieval, compositional)."""
+    seed: int = 0
+    """Generator seed; the same seed gives byte-identical data."""
+    image_size: int = 64
+    """Rendered image side in pixels."""
+    samples_per_shard: int = 5_000
+    """Training samples per tar shard."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_eval", "image_size", "samples_per_shard"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.synth.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None
+    """webdataset shard spec with brace expansion, e.g. `data/train-{000000..000127}.tar`."""
+    synth: SynthConfig | None = None
+    """Use ShapesWorld instead of `shards` (exactly one of the two)."""
+    cache_dir: str = "~/.cache/vlp"
+    """Where generated datasets are cached."""
+    batch_size: int = 128
+    """Samples per process per micro-batch."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the main process)."""
+    shuffle_buffer: int = 2_000
+    """Samples held in the shuffle buffer of each worker (0 = no shuffling)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be > 0, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+@dataclass
+class ObjectiveSpec:
+    """One term of the training loss, e.g. `{name: clip}` or `{name: align_uniform, weight: 0.5}`.
+
+    Keys other than `name` and `weight` are the objective's own parameters, checked against
+    that objective's `Config` dataclass by `RunConfig.validate`.
+    """
+
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    backend: str = "auto"
+    """Contrastive backend: local | gather | ring | auto (ring when world size > 1)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate after warmup."""
+    weight_decay: float = 0.2
+    """AdamW decoupled weight decay; not applied to gains, biases, embeddings or logit scale."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    """Linear warmup from 0 to `lr`, then cosine decay to 0 at `train.steps`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1_000
+    """Optimizer steps in the whole run."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    mixed_precision: str = "no"
+    """no | fp16 | bf16 (accelerate's autocast)."""
+    seed: int = 0
+    """Seed for model init and data order."""
+    log_every: int = 10
+    """Steps between metric logs."""
+    trackers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Metric sinks: jsonl (metrics.jsonl in the run folder), tensorboard, wandb, ..."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ConfigError(f"train.steps must be > 0, got {self.steps}")
+        if self.grad_accum <= 0:
+            raise ConfigError(f"train.grad_accum must be > 0, got {self.grad_accum}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(
+                f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
+            )
+        if self.log_every <= 0:
+            raise ConfigError(f"train.log_every must be > 0, got {self.log_every}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Steps between checkpoints (the last step is always saved)."""
+    keep_last: int = 2
+    """How many of the newest checkpoints to keep (older ones are deleted)."""
+    resume: str = "auto"
+    """auto (latest checkpoint in the run folder, if any) | never | a checkpoint folder path."""
+
+    def __post_init__(self) -> None:
+        if self.every <= 0:
+            raise ConfigError(f"checkpoint.every must be > 0, got {self.every}")
+        if self.keep_last <= 0:
+            raise ConfigError(f"checkpoint.keep_last must be > 0, got {self.keep_last}")
+
+
+@dataclass
+class EvalConfig:
+    zeroshot: str | None = None
+    """CLIP_benchmark-layout zero-shot set evaluated after training (default: ShapesWorld's)."""
+    batch_size: int = 256
+    """Images per eval batch."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run folder: checkpoints, metrics.jsonl, config.yaml, plots and the eval report."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec("clip")])
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks and checks against the registries; run on every rank at start."""
+        from vlp.distributed import BACKENDS
+        from vlp.objectives import OBJECTIVES
+
+        if (self.data.shards is None) == (self.data.synth is None):
+            raise ConfigError("set exactly one of data.shards (your shards) and data.synth")
+        if self.data.shards is not None:
+            _check_shards_exist(self.data.shards)
+        if not self.objectives:
+            raise ConfigError("objectives is empty: name at least one, e.g. [{name: clip}]")
+        for i, spec in enumerate(self.objectives):
+            key = f"objectives[{i}]"
+            if spec.name not in OBJECTIVES:
+                raise ConfigError(
+                    f"{key}.name: unknown objective {spec.name!r}; known: {sorted(OBJECTIVES)}"
+                )
+            _build(OBJECTIVES[spec.name].Config, spec.params, key)
+        if self.loss.backend not in BACKENDS and self.loss.backend != "auto":
+            raise ConfigError(
+                f"loss.backend: unknown {self.loss.backend!r}; known: auto, {', '.join(BACKENDS)}"
+            )
+        if self.eval.zeroshot is not None and not Path(self.eval.zeroshot).is_dir():
+            raise ConfigError(f"eval.zeroshot: no such folder {self.eval.zeroshot}")
+
+
+def _check_shards_exist(spec: str) -> None:
+    import braceexpand
+
+    for pattern in spec.split("::"):
+        for url in braceexpand.braceexpand(pattern):
+            if "://" in url or url.startswith("pipe:"):
+                continue
+            if not Path(url).expanduser().exists():
+                raise ConfigError(f"data.shards: shard not found: {url}")
+
+
+# ---------------------------------------------------------------- loading and overriding
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe, apply `a.b=value` overrides (values parsed as YAML), build and validate."""
+    raw: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value else None
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Construct dataclass `cls` from a mapping, strictly: unknown keys and wrong types raise."""
+    where = prefix or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if cls is ObjectiveSpec:
+        raw = dict(raw)
+        known = {"name": raw.pop("name", None), "weight": raw.pop("weight", 1.0), "params": raw}
+        if known["name"] is None:
+            raise ConfigError(f"{where}: missing key 'name'")
+        raw = known
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown key {key!r}; {where} accepts: {', '.join(fields)}")
+    kwargs = {
+        name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+        for name, value in raw.items()
+    }
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> Any:
+    """The resolved config as plain data, in the shape a recipe is written in."""
+    if isinstance(cfg, ObjectiveSpec):
+        return {"name": cfg.name, "weight": cfg.weight, **cfg.params}
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

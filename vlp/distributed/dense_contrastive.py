@@ -1,0 +1,151 @@
+"""Dense contrastive losses: the `local` backend (one process) and the `gather` backend.
+
+Shapes: b local batch, W world size, B = W·b global batch, D feature dim, K hard negatives per
+image. x: image features (b, D), y: text features (b, D), n: negatives (b·K, D); all L2-normalised.
+s: logit scale (already exponentiated), t: logit bias; both scalar tensors.
+
+Losses on the global batch (the definitions every backend implements):
+- softmax (CLIP; NegCLIP with negatives): mean over the B images of CE(image -> [all texts, all
+  negatives]) plus mean over the B texts of CE(text -> all images), halved. Equals open_clip
+  `ClipLoss` on the full batch; negatives are extra columns of the image->text direction only.
+- sigmoid (SigLIP): -sum over all B×B pairs of logsigmoid(±(s x·y + t)) / B, + on the diagonal.
+  Equals open_clip `SigLipLoss` on the full batch.
+
+The gather backend materialises (b, B) logits per rank: simple, but memory grows with b·B.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from vlp.distributed.collectives import Ring, all_gather_with_grad
+from vlp.distributed.shapes import check_local, check_same_on_every_rank, flat_negatives
+
+
+def softmax_rows_loss(
+    image_rows: Tensor,
+    text_rows: Tensor,
+    all_image: Tensor,
+    all_text: Tensor,
+    logit_scale: Tensor,
+    *,
+    all_neg_text: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """Softmax loss of b rows against all B columns, averaged over the b rows.
+
+    Row i's positive is column offset + i. With rows = all columns this is the full loss.
+    """
+    columns = all_text if all_neg_text is None else torch.cat([all_text, all_neg_text])
+    logits_per_image = logit_scale * image_rows @ columns.T  # (b, B + B·K)
+    logits_per_text = logit_scale * text_rows @ all_image.T  # (b, B)
+    labels = torch.arange(image_rows.shape[0], device=image_rows.device) + offset
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def sigmoid_rows_loss(
+    image_rows: Tensor,
+    all_text: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    *,
+    offset: int = 0,
+) -> Tensor:
+    """Sigmoid loss of b image rows against all B texts, summed over pairs and divided by b."""
+    logits = logit_scale * image_rows @ all_text.T + logit_bias  # (b, B)
+    rows = torch.arange(image_rows.shape[0], device=image_rows.device)
+    labels = -torch.ones_like(logits)
+    labels[rows, rows + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / image_rows.shape[0]
+
+
+def local_clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    neg_text_features: Tensor | None = None,
+) -> Tensor:
+    """Softmax (CLIP / NegCLIP) loss of one process's batch; no collectives."""
+    check_local(image_features, text_features, neg_text_features, logit_scale)
+    neg = flat_negatives(neg_text_features, image_features.shape[0])
+    return softmax_rows_loss(
+        image_features, text_features, image_features, text_features, logit_scale,
+        all_neg_text=neg,
+    )
+
+
+def local_siglip_loss(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
+) -> Tensor:
+    """Sigmoid (SigLIP) loss of one process's batch; no collectives."""
+    check_local(image_features, text_features, None, logit_scale, logit_bias)
+    return sigmoid_rows_loss(image_features, text_features, logit_scale, logit_bias)
+
+
+def _global_value(rank_loss: Tensor, ring: Ring) -> Tensor:
+    """`rank_loss` whose value is replaced by its mean over ranks; gradient unchanged."""
+    mean = ring.all_reduce_sum(rank_loss.detach()) / ring.size
+    return rank_loss + (mean - rank_loss.detach())
+
+
+def gather_clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    neg_text_features: Tensor | None = None,
+    group: ProcessGroup | None = None,
+) -> Tensor:
+    """Softmax loss on the global batch, open_clip style (all-gather with grad, local rows).
+
+    Value: the global-batch loss, on every rank.
+    Gradients: rank r back-propagates L_r = its b rows' share of the global loss times W (the
+    mean over its rows). The all-gather's backward sums every rank's contribution to rank r's
+    columns, so rank r's features get W·dL/d(its features) and its logit_scale gets
+    W·(its rows' share of dL/ds). DDP's mean over ranks then gives exactly dL/dθ for every
+    parameter. (Gathering with grad but computing all B rows on every rank would give W·dL/dθ.)
+    """
+    check_local(image_features, text_features, neg_text_features, logit_scale)
+    neg = flat_negatives(neg_text_features, image_features.shape[0])
+    ring = Ring.of(group)
+    check_same_on_every_rank(image_features, neg, ring)
+    rank_loss = softmax_rows_loss(
+        image_features,
+        text_features,
+        all_gather_with_grad(image_features, ring),
+        all_gather_with_grad(text_features, ring),
+        logit_scale,
+        all_neg_text=None if neg is None else all_gather_with_grad(neg, ring),
+        offset=ring.rank * image_features.shape[0],
+    )
+    return _global_value(rank_loss, ring)
+
+
+def gather_siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+) -> Tensor:
+    """Sigmoid loss on the global batch: all-gather texts with grad, this rank's image rows.
+
+    Value and gradient semantics as `gather_clip_loss`: the value is the global loss on every
+    rank; each rank's gradients are W × its rows' share, so DDP's mean gives dL/dθ.
+    """
+    check_local(image_features, text_features, None, logit_scale, logit_bias)
+    ring = Ring.of(group)
+    check_same_on_every_rank(image_features, None, ring)
+    rank_loss = sigmoid_rows_loss(
+        image_features,
+        all_gather_with_grad(text_features, ring),
+        logit_scale,
+        logit_bias,
+        offset=ring.rank * image_features.shape[0],
+    )
+    return _global_value(rank_loss, ring)

@@ -1,0 +1,356 @@
+"""Ring-based, tiled contrastive losses: O(b·D + t²) memory per rank, never (b, B).
+
+Shapes: b local batch, W world size, B = W·b global batch, D feature dim, K hard negatives per
+image, t tile size. x: this rank's image features (b, D), y: its text features (b, D),
+n: its hard-negative captions (b·K, D); S = X·Yᵀ the (never materialised) B×B similarity matrix;
+s: logit scale (already exponentiated), bias: logit bias.
+
+Each rank owns the rows of S for its images and visits every rank's column block (y, and n for
+the image->text direction) as the blocks travel the ring (send to r+1, receive from r-1; the next
+transfer is posted before the current block is computed). Tiles (t, t) of a block are reduced on
+the fly; per-column results (column log-sum-exp in the forward, dy / dn in the backward) travel
+with their block and arrive back at its owner after W steps. Inf-CL ("Breaking the Memory
+Barrier", DESIGN §4) computes the same quantities; here one pass over S serves both softmax
+directions (row LSE = image->text, column LSE = text->image).
+
+Gradient semantics (both losses). L is the loss on the global batch. Every rank returns the
+value of L. Backward on rank r yields W·dL/dx_r, W·dL/dy_r, W·dL/dn_r for its own features
+(each column block's gradient is summed over all ranks' rows as it travels), and W × the share of
+dL/ds (and dL/dbias) that comes from its own rows. The logit-scale gradient is deliberately not
+all-reduced: DDP averages parameter gradients over the W ranks, so the mean of the per-rank
+shares times W is exactly dL/ds (Inf-CL all-reduces it, which DDP then leaves W× too large),
+and the mean of W·J_rᵀ dL/d(features_r) is exactly dL/dθ for every encoder parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
+
+from vlp.distributed.collectives import Ring
+from vlp.distributed.shapes import check_local, check_same_on_every_rank, flat_negatives
+
+DEFAULT_TILE_SIZE = 1024
+"""Rows and columns per logits tile: a tile's temporaries are a few t² floats."""
+
+_DATA_TAG = 0  # tags keep the two kinds of ring traffic apart on gloo (NCCL matches by order)
+_ACC_TAG = 16
+
+Visit = Callable[[list[Tensor]], tuple[list[Tensor], list[Tensor]]]
+
+
+def ring_pass(
+    ring: Ring, block: list[Tensor], visit: Visit, merge: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Show every rank's `block` to `visit` once; return merged row and own-column results.
+
+    `visit(block) -> (row_parts, column_parts)`: results for this rank's rows, merged over the
+    W blocks, and results for the visited block's columns, which travel on with the block,
+    merged with what earlier ranks computed for it, until they reach the block's owner.
+    """
+    rows: list[Tensor] | None = None
+    columns_in_flight = None
+    for step in range(ring.size):
+        data = ring.shift(block, tag=_DATA_TAG) if step < ring.size - 1 else None
+        row_parts, columns = visit(block)
+        rows = row_parts if rows is None else [merge(a, p) for a, p in zip(rows, row_parts)]
+        if columns_in_flight is not None:
+            columns = [merge(c, r) for c, r in zip(columns, columns_in_flight.wait())]
+        columns_in_flight = ring.shift(columns, tag=_ACC_TAG) if ring.size > 1 and columns else None
+        if data is not None:
+            block = data.wait()
+    assert rows is not None
+    return rows, columns if columns_in_flight is None else columns_in_flight.wait()
+
+
+def _tiles(length: int, tile_size: int) -> list[slice]:
+    return [slice(i, min(i + tile_size, length)) for i in range(0, length, tile_size)]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and gradients are accumulated in at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _similarity(rows: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
+    return (rows @ columns.T).to(dtype)  # (t, t)
+
+
+def _block_lse(
+    x: Tensor, columns: Tensor, s: Tensor, tile_size: int, *, with_columns: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Row-wise (and column-wise) log-sum-exp of s·x·columnsᵀ, reduced tile by tile."""
+    dtype = s.dtype
+    row_lse = x.new_full((x.shape[0],), float("-inf"), dtype=dtype)
+    col_lse = x.new_full((columns.shape[0],), float("-inf"), dtype=dtype) if with_columns else None
+    for i in _tiles(x.shape[0], tile_size):
+        for j in _tiles(columns.shape[0], tile_size):
+            logits = s * _similarity(x[i], columns[j], dtype)
+            row_lse[i] = torch.logaddexp(row_lse[i], logits.logsumexp(1))
+            if col_lse is not None:
+                col_lse[j] = torch.logaddexp(col_lse[j], logits.logsumexp(0))
+    return row_lse, col_lse
+
+
+def _block_softmax_grads(
+    x: Tensor,
+    columns: Tensor,
+    s: Tensor,
+    row_lse: Tensor,
+    col_lse: Tensor | None,
+    coef: Tensor,
+    tile_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of coef·(Σ_rows LSE_row [+ Σ_cols LSE_col]) w.r.t. x, columns and s.
+
+    Recomputes each tile's probabilities P = exp(s·x·cᵀ − lse) from the saved LSEs:
+    dx = s·P·c, dc = s·Pᵀ·x, ds = Σ P ⊙ (x·cᵀ).
+    """
+    dtype = s.dtype
+    dx = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    dcols = torch.zeros(columns.shape, dtype=dtype, device=x.device)
+    ds = torch.zeros((), dtype=dtype, device=x.device)
+    for i in _tiles(x.shape[0], tile_size):
+        x_i = x[i].to(dtype)
+        for j in _tiles(columns.shape[0], tile_size):
+            c_j = columns[j].to(dtype)
+            sim = _similarity(x_i, c_j, dtype)
+            logits = s * sim
+            p = torch.exp(logits - row_lse[i, None])
+            if col_lse is not None:
+                p += torch.exp(logits - col_lse[None, j])
+            p *= coef
+            ds += (p * sim).sum()
+            dx[i] += p @ c_j
+            dcols[j] += p.T @ x_i
+    return dx * s, dcols * s, ds
+
+
+def _block_sigmoid(
+    x: Tensor, columns: Tensor, s: Tensor, bias: Tensor, tile_size: int, *, with_grads: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """Σ softplus(s·x·cᵀ + bias) over a block and, if asked, its gradients.
+
+    Returns (loss_sum, [dx, dcolumns, ds, dbias]), the list empty when gradients are not asked for.
+    """
+    dtype = s.dtype
+    loss = torch.zeros((), dtype=dtype, device=x.device)
+    dx = torch.zeros(x.shape, dtype=dtype, device=x.device) if with_grads else None
+    dcols = torch.zeros(columns.shape, dtype=dtype, device=x.device) if with_grads else None
+    ds = torch.zeros((), dtype=dtype, device=x.device)
+    dbias = torch.zeros((), dtype=dtype, device=x.device)
+    for i in _tiles(x.shape[0], tile_size):
+        x_i = x[i].to(dtype)
+        for j in _tiles(columns.shape[0], tile_size):
+            c_j = columns[j].to(dtype)
+            sim = _similarity(x_i, c_j, dtype)
+            logits = s * sim + bias
+            loss += F.softplus(logits).sum()
+            if dx is not None and dcols is not None:
+                p = torch.sigmoid(logits)
+                ds += (p * sim).sum()
+                dbias += p.sum()
+                dx[i] += p @ c_j
+                dcols[j] += p.T @ x_i
+    if dx is None or dcols is None:
+        return loss, []
+    return loss, [dx * s, dcols * s, ds, dbias]
+
+
+def _positive_logits(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    return (x.to(dtype) * y.to(dtype)).sum(-1)  # (b,) x_i·y_i
+
+
+class _RingSoftmaxLoss(torch.autograd.Function):
+    """Global-batch CLIP/NegCLIP loss; see the module docstring for gradient semantics."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        y: Tensor,
+        n: Tensor | None,
+        logit_scale: Tensor,
+        ring: Ring,
+        tile_size: int,
+    ) -> Tensor:
+        dtype = _acc_dtype(x.dtype)
+        s = logit_scale.detach().to(dtype).reshape(())
+
+        def visit(block: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+            row_lse, col_lse = _block_lse(x, block[0], s, tile_size, with_columns=True)
+            if n is not None:
+                neg_lse, _ = _block_lse(x, block[1], s, tile_size, with_columns=False)
+                row_lse = torch.logaddexp(row_lse, neg_lse)
+            return [row_lse], [col_lse]
+
+        block = [y] if n is None else [y, n]
+        (row_lse,), (col_lse,) = ring_pass(ring, block, visit, torch.logaddexp)
+        positive = s * _positive_logits(x, y, dtype)
+        global_batch = ring.size * x.shape[0]
+        # This rank's rows' and columns' share of the global loss; the shares sum to L.
+        share = ((row_lse - positive).sum() + (col_lse - positive).sum()) / (2 * global_batch)
+        ctx.save_for_backward(x, y, n, logit_scale, row_lse, col_lse)
+        ctx.ring, ctx.tile_size = ring, tile_size
+        return ring.all_reduce_sum(share)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        x, y, n, logit_scale, row_lse, col_lse = ctx.saved_tensors
+        ring: Ring = ctx.ring
+        dtype = row_lse.dtype
+        s = logit_scale.detach().to(dtype).reshape(())
+        global_batch = ring.size * x.shape[0]
+        # × W: DDP divides the summed per-rank gradients by W (see module docstring).
+        coef = grad_loss.to(dtype) * ring.size / (2 * global_batch)
+
+        def visit(block: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+            dx, dy_block, ds = _block_softmax_grads(
+                x, block[0], s, row_lse, block[-1], coef, ctx.tile_size
+            )
+            if n is None:
+                return [dx, ds], [dy_block]
+            dx_neg, dn_block, ds_neg = _block_softmax_grads(
+                x, block[1], s, row_lse, None, coef, ctx.tile_size
+            )
+            return [dx + dx_neg, ds + ds_neg], [dy_block, dn_block]
+
+        block = [y, col_lse] if n is None else [y, n, col_lse]
+        (dx, ds), column_grads = ring_pass(ring, block, visit, torch.add)
+        # Positive pairs: dL/dlogit_ii has an extra −1/B (once per direction, 1/(2B) each).
+        positive_coef = 2 * coef
+        dx = dx - positive_coef * s * y.to(dtype)
+        dy = column_grads[0] - positive_coef * s * x.to(dtype)
+        ds = ds - positive_coef * _positive_logits(x, y, dtype).sum()
+        dn = None if n is None else column_grads[1].to(n.dtype)
+        grad_scale = ds.to(logit_scale.dtype).reshape(logit_scale.shape)
+        return dx.to(x.dtype), dy.to(y.dtype), dn, grad_scale, None, None
+
+
+class _RingSigmoidLoss(torch.autograd.Function):
+    """Global-batch SigLIP loss; see the module docstring for gradient semantics.
+
+    The sigmoid loss has no normaliser, so its gradient is linear in the incoming gradient and
+    known after a single ring pass: the forward computes it along with the loss (O(b·D) kept,
+    one pass over S instead of a forward pass plus a recomputing backward pass) and the backward
+    only scales it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        y: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor,
+        ring: Ring,
+        tile_size: int,
+    ) -> Tensor:
+        dtype = _acc_dtype(x.dtype)
+        s = logit_scale.detach().to(dtype).reshape(())
+        bias = logit_bias.detach().to(dtype).reshape(())
+        with_grads = any(ctx.needs_input_grad[:4])
+
+        def visit(block: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+            loss, grads = _block_sigmoid(x, block[0], s, bias, tile_size, with_grads=with_grads)
+            if not grads:
+                return [loss], []
+            dx, dy_block, ds, dbias = grads
+            return [loss, dx, ds, dbias], [dy_block]
+
+        rows, columns = ring_pass(ring, [y], visit, torch.add)
+        loss_sum = rows[0]
+        # Σ_pairs −logsigmoid(±logit) = Σ_pairs softplus(logit) − Σ_diagonal logit.
+        positive_sim = _positive_logits(x, y, dtype)
+        num_rows = x.shape[0]
+        global_batch = ring.size * num_rows
+        share = (loss_sum - (s * positive_sim + bias).sum()) / global_batch
+        if with_grads:
+            (_, dx, ds, dbias), (dy,) = rows, columns
+            # d/dlogit = (sigmoid(logit) − [diagonal]) / B, × W for DDP's mean over ranks.
+            coef = ring.size / global_batch
+            grads = (
+                coef * (dx - s * y.to(dtype)),
+                coef * (dy - s * x.to(dtype)),
+                coef * (ds - positive_sim.sum()),
+                coef * (dbias - num_rows),
+            )
+            ctx.save_for_backward(*grads)
+        ctx.input_meta = [(t.dtype, t.shape) for t in (x, y, logit_scale, logit_bias)]
+        return ring.all_reduce_sum(share)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        grads = [
+            (grad_loss.to(g.dtype) * g).to(dtype).reshape(shape)
+            for g, (dtype, shape) in zip(ctx.saved_tensors, ctx.input_meta)
+        ]
+        return (*grads, None, None)
+
+
+def _check(
+    x: Tensor, y: Tensor, n: Tensor | None, scalars: Sequence[Tensor], ring: Ring, tile_size: int
+) -> None:
+    check_local(x, y, n, *scalars)
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be >= 1; got {tile_size}")
+    check_same_on_every_rank(x, n, ring)
+
+
+def ring_clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    neg_text_features: Tensor | None = None,
+    group: ProcessGroup | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> Tensor:
+    """CLIP softmax loss over the global batch (NegCLIP with `neg_text_features`), ring-tiled.
+
+    Args: this rank's L2-normalised image_features (b, D) and text_features (b, D); logit_scale,
+    the exponentiated scale (scalar tensor); neg_text_features (b·K, D) or (b, K, D), hard
+    negative captions for this rank's images: extra columns of every image's image->text
+    softmax (all ranks' negatives, as NegCLIP concatenates them to the text batch), never rows
+    of the text->image direction. b, D and K must be equal on every rank.
+
+    Returns the loss on the global batch (same value on every rank). Gradients: W × this rank's
+    share, so that DDP's mean over ranks gives the global-batch gradient of every parameter (see
+    the module docstring). Memory: O((1 + K)·b·D + tile_size²) per rank.
+    """
+    ring = Ring.of(group)
+    neg = flat_negatives(neg_text_features, image_features.shape[0])
+    _check(image_features, text_features, neg, [logit_scale], ring, tile_size)
+    loss = _RingSoftmaxLoss.apply(
+        image_features, text_features, neg, logit_scale, ring, tile_size
+    )
+    return loss
+
+
+def ring_siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> Tensor:
+    """SigLIP sigmoid loss over the global batch, ring-tiled.
+
+    -Σ over all B×B pairs of logsigmoid(±(s·x·y + bias)) / B (+ for matching pairs), as open_clip
+    `SigLipLoss` on the full batch. Returns that value on every rank; gradients are W × this
+    rank's share (see the module docstring). Memory: O(b·D + tile_size²) per rank.
+    """
+    ring = Ring.of(group)
+    _check(image_features, text_features, None, [logit_scale, logit_bias], ring, tile_size)
+    return _RingSigmoidLoss.apply(
+        image_features, text_features, logit_scale, logit_bias, ring, tile_size
+    )

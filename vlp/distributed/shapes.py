@@ -1,0 +1,69 @@
+"""Input checks shared by the contrastive backends.
+
+Shapes: b local batch, D feature dim, K hard negatives per image.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from vlp.distributed.collectives import Ring
+
+
+def flat_negatives(neg_text_features: Tensor | None, batch_size: int) -> Tensor | None:
+    """Hard negatives as (b·K, D) rows, accepting (b·K, D) or (b, K, D)."""
+    if neg_text_features is None:
+        return None
+    if neg_text_features.dim() == 3:
+        if neg_text_features.shape[0] != batch_size:
+            raise ValueError(
+                f"neg_text_features has shape {tuple(neg_text_features.shape)}; "
+                f"expected (b, K, D) with b = {batch_size}"
+            )
+        return neg_text_features.reshape(-1, neg_text_features.shape[-1])
+    if neg_text_features.dim() != 2 or neg_text_features.shape[0] % batch_size:
+        raise ValueError(
+            f"neg_text_features has shape {tuple(neg_text_features.shape)}; expected (b·K, D) "
+            f"or (b, K, D) with b = {batch_size}"
+        )
+    return neg_text_features
+
+
+def check_local(
+    image_features: Tensor,
+    text_features: Tensor,
+    neg_text_features: Tensor | None,
+    *scalars: Tensor,
+) -> None:
+    """Raise ValueError unless features are (b, D) pairs, negatives (b·K, D), scalars 1 element."""
+    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            "image_features and text_features must both be (b, D); got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    if neg_text_features is not None and neg_text_features.shape[-1] != image_features.shape[1]:
+        raise ValueError(
+            f"neg_text_features has dim {neg_text_features.shape[-1]}, "
+            f"features have dim {image_features.shape[1]}"
+        )
+    for scalar in scalars:
+        if scalar.numel() != 1:
+            raise ValueError(f"logit scale/bias must be scalar tensors; got {tuple(scalar.shape)}")
+
+
+def check_same_on_every_rank(
+    image_features: Tensor, neg_text_features: Tensor | None, ring: Ring
+) -> None:
+    """Raise ValueError unless b, D and K agree on every rank (ring and gather need equal blocks)."""
+    if ring.size == 1:
+        return
+    b, d = image_features.shape
+    num_neg = -1 if neg_text_features is None else neg_text_features.shape[0] // b
+    shapes = ring.all_gather_ints((b, d, num_neg), device=image_features.device)
+    if any(s != shapes[0] for s in shapes):
+        listed = ", ".join(f"rank {r}: b={s[0]} D={s[1]} K={s[2]}" for r, s in enumerate(shapes))
+        raise ValueError(
+            "contrastive backends 'gather' and 'ring' need the same local batch size b, feature "
+            f"dim D and negatives per image K on every rank (K=-1: none); got {listed}. "
+            "Use drop_last / equal per-rank batches."
+        )
