@@ -28,6 +28,10 @@ class ModelConfig:
     """open_clip model name (`ViT-B-32`, ...) or one of vlp's own configs (`vlp-tiny`)."""
     pretrained: str | None = None
     """Local weights file (.safetensors, or .pt read with weights_only) to start from; None = random."""
+    init_logit_scale: float | None = None
+    """Initial log temperature; None = open_clip's default log(1/0.07). SigLIP uses log(10)."""
+    init_logit_bias: float | None = None
+    """Give the model a learnable logit bias starting here (SigLIP: -10); None = no bias."""
 
 
 @dataclass
@@ -65,6 +69,8 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = load in the main process)."""
     shuffle_buffer: int = 2_000
     """Samples held in the shuffle buffer of each worker (0 = no shuffling)."""
+    num_negatives: int = 0
+    """Hard-negative captions per sample (from the json's `neg_captions`); needed by negclip."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -73,6 +79,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.num_negatives < 0:
+            raise ConfigError(f"data.num_negatives must be >= 0, got {self.num_negatives}")
 
 
 @dataclass
@@ -92,6 +100,12 @@ class ObjectiveSpec:
 class LossConfig:
     backend: str = "auto"
     """Contrastive backend: local | gather | ring | auto (ring when world size > 1)."""
+    tile_size: int = 1024
+    """Rows and columns of the logit tiles the ring backend computes at a time."""
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1:
+            raise ConfigError(f"loss.tile_size must be >= 1, got {self.tile_size}")
 
 
 @dataclass
@@ -185,7 +199,17 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks and checks against the registries; run on every rank at start."""
         from vlp.distributed import BACKENDS
+        from vlp.models import model_config
         from vlp.objectives import OBJECTIVES
+
+        try:
+            arch = model_config(self.model.name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        has_output = {"logit_bias": self.model.init_logit_bias is not None,
+                      "logits": "multimodal_cfg" in arch}
+        how_to_get = {"logit_bias": "set model.init_logit_bias (SigLIP: -10)",
+                      "logits": "use a captioning (CoCa) model, e.g. model.name=vlp-tiny-coca"}
 
         if (self.data.shards is None) == (self.data.synth is None):
             raise ConfigError("set exactly one of data.shards (your shards) and data.synth")
@@ -200,6 +224,18 @@ class RunConfig:
                     f"{key}.name: unknown objective {spec.name!r}; known: {sorted(OBJECTIVES)}"
                 )
             _build(OBJECTIVES[spec.name].Config, spec.params, key)
+            for needed in getattr(OBJECTIVES[spec.name], "requires_outputs", set()):
+                if not has_output[needed]:
+                    raise ConfigError(
+                        f"{key}: objective {spec.name!r} needs the model output {needed!r}, "
+                        f"which model {self.model.name!r} does not give: {how_to_get[needed]}"
+                    )
+            if "neg_text" in OBJECTIVES[spec.name].requires and self.data.num_negatives == 0:
+                raise ConfigError(
+                    f"{key}: objective {spec.name!r} needs hard-negative captions (batch field "
+                    "neg_text): set data.num_negatives > 0 and use shards whose json has "
+                    "'neg_captions'"
+                )
         if self.loss.backend not in BACKENDS and self.loss.backend != "auto":
             raise ConfigError(
                 f"loss.backend: unknown {self.loss.backend!r}; known: auto, {', '.join(BACKENDS)}"
@@ -303,6 +339,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `2e-3` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

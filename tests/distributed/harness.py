@@ -153,7 +153,9 @@ MEMORY_PROBE_WORLD_SIZES = (2, 3)  # one even, one odd ring (the probe costs a t
 
 def peak_numel_job(rank: int, world_size: int, backend: str, kind: str) -> dict[str, Any]:
     """Largest tensor created by a loss forward+backward on this rank (inputs made outside)."""
-    b, dim, k, tile = (MEMORY_PROBE[n] for n in ("local_batch", "dim", "num_negatives", "tile_size"))
+    b, dim, k, tile = (
+        MEMORY_PROBE[n] for n in ("local_batch", "dim", "num_negatives", "tile_size")
+    )
     g = torch.Generator().manual_seed(rank)
     x, y = (F.normalize(torch.randn(b, dim, generator=g), dim=-1).requires_grad_() for _ in "xy")
     neg = F.normalize(torch.randn(b, k, dim, generator=g), dim=-1).requires_grad_()
@@ -198,7 +200,8 @@ def world_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:
         if world_size in MEMORY_PROBE_WORLD_SIZES:
             for kind in ("negatives", "sigmoid"):
                 jobs[f"numel/{backend}-{kind}"] = (
-                    peak_numel_job, {"backend": backend, "kind": kind}
+                    peak_numel_job,
+                    {"backend": backend, "kind": kind},
                 )
         if world_size > 1:
             jobs[f"uneven/{backend}"] = (uneven_batch_job, {"backend": backend})
@@ -211,8 +214,10 @@ def _rank_main(rank: int, world_size: int, store_dir: str) -> None:
         "gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size
     )
     try:
-        results = {name: job(rank, world_size, **kwargs)
-                   for name, (job, kwargs) in world_jobs(world_size).items()}
+        results = {
+            name: job(rank, world_size, **kwargs)
+            for name, (job, kwargs) in world_jobs(world_size).items()
+        }
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
@@ -229,4 +234,3 @@ def world_results(world_size: int) -> list[dict[str, Any]]:
             torch.load(os.path.join(store_dir, f"rank{r}.pt"), weights_only=False)
             for r in range(world_size)
         ]
-

@@ -95,9 +95,7 @@ def test_parameter_gradients_after_ddp_mean_equal_global_batch_gradients(
 
 
 @pytest.mark.parametrize(("world_size", "case"), CASES, ids=IDS)
-def test_feature_gradients_are_world_size_times_global_batch_gradients(
-    world_size: int, case: Case
-):
+def test_feature_gradients_are_world_size_times_global_batch_gradients(world_size: int, case: Case):
     expected = reference(world_size, case)
     features = ["image", "text"] + (["neg"] if case.kind == "negatives" else [])
     for rank, rank_result in enumerate(world_results(world_size)):

@@ -49,6 +49,11 @@ def test_int_is_accepted_where_float_expected(tmp_path):
     assert isinstance(cfg.optim.lr, float)
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    cfg = load_config(write(tmp_path, minimal()), ["optim.lr=2e-3"])
+    assert cfg.optim.lr == 0.002
+
+
 def test_unknown_key_is_named(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'train.stpes'"):
         load_config(write(tmp_path, minimal(train={"stpes": 3})))

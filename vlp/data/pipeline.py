@@ -7,13 +7,16 @@ tar member) are skipped, logged with their shard and key, and counted; each batc
 worker's running count so the trainer can report it.
 
 Batch (DESIGN §3): `image` (B,3,H,W) float, `text` (B,L) token ids, `key` list of sample ids,
-plus `worker` and `skipped` (the worker's cumulative count of skipped samples).
+`neg_text` (B,K,L) when K = `num_negatives` > 0 (hard-negative captions drawn from the sample
+json's `neg_captions`), plus `worker` and `skipped` (the worker's cumulative skip count).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +50,29 @@ class SkipCounter:
         log.warning("skipping sample%s: %s", where, reason)
 
 
+def pick_negatives(sample: dict[str, Any], num_negatives: int, rng: random.Random) -> list[str]:
+    """`num_negatives` of the sample's `neg_captions` (without replacement when there are enough)."""
+    if "json" not in sample:
+        raise ValueError("no json member (hard negatives live under 'neg_captions')")
+    try:
+        negatives = json.loads(sample["json"]).get("neg_captions") or []
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"json member is not a JSON object: {e}") from None
+    negatives = [n for n in negatives if isinstance(n, str) and n.strip()]
+    if not negatives:
+        raise ValueError("json has no 'neg_captions'")
+    if len(negatives) >= num_negatives:
+        return rng.sample(negatives, num_negatives)
+    return rng.choices(negatives, k=num_negatives)
+
+
 def decode_sample(
-    sample: dict[str, Any], preprocess: Callable, tokenizer: Callable
+    sample: dict[str, Any],
+    preprocess: Callable,
+    tokenizer: Callable,
+    *,
+    num_negatives: int = 0,
+    rng: random.Random | None = None,
 ) -> dict[str, Any]:
     """Raw tar members → image tensor and token ids; raises ValueError naming what is wrong."""
     image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -64,7 +88,10 @@ def decode_sample(
             image = img.convert("RGB")
     except Exception as e:  # PIL raises many types for bad bytes
         raise ValueError(f"undecodable image: {e}") from None
-    return {"image": preprocess(image), "text": tokenizer([caption])[0], "key": sample["__key__"]}
+    decoded = {"image": preprocess(image), "text": tokenizer([caption])[0], "key": sample["__key__"]}
+    if num_negatives:
+        decoded["neg_text"] = tokenizer(pick_negatives(sample, num_negatives, rng or random))
+    return decoded
 
 
 class ShardStream(IterableDataset):
@@ -80,8 +107,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,
         seed: int,
         rank: int,
+        num_negatives: int = 0,
     ):
         super().__init__()
+        self.num_negatives = num_negatives
         self.urls = urls
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -95,6 +124,7 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         counter = SkipCounter()
         worker_seed = self.seed * 1_000_003 + self.rank * 1_000 + worker
+        rng = random.Random(worker_seed)
         shards = wds.ResampledShards(
             self.urls, seed=worker_seed, worker_seed=lambda: 0, deterministic=True
         )
@@ -111,7 +141,8 @@ class ShardStream(IterableDataset):
         batch: list[dict[str, Any]] = []
         for sample in samples:
             try:
-                batch.append(decode_sample(sample, self.preprocess, self.tokenizer))
+                batch.append(decode_sample(sample, self.preprocess, self.tokenizer,
+                                           num_negatives=self.num_negatives, rng=rng))
             except ValueError as e:
                 counter.skip(str(e), sample)
                 continue
@@ -121,13 +152,16 @@ class ShardStream(IterableDataset):
 
 
 def collate(samples: list[dict[str, Any]], *, worker: int, skipped: int) -> dict[str, Any]:
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "text": torch.stack([s["text"] for s in samples]),
         "key": [s["key"] for s in samples],
         "worker": worker,
         "skipped": skipped,
     }
+    if "neg_text" in samples[0]:
+        batch["neg_text"] = torch.stack([s["neg_text"] for s in samples])
+    return batch
 
 
 def build_train_loader(
@@ -140,6 +174,7 @@ def build_train_loader(
     shuffle_buffer: int,
     seed: int,
     rank: int,
+    num_negatives: int = 0,
 ) -> DataLoader:
     """A DataLoader of endless batches for this rank (resampled shards, per-worker seeds)."""
     dataset = ShardStream(
@@ -150,6 +185,7 @@ def build_train_loader(
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         rank=rank,
+        num_negatives=num_negatives,
     )
     return DataLoader(
         dataset,

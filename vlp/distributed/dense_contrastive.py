@@ -43,7 +43,9 @@ def softmax_rows_loss(
     logits_per_image = logit_scale * image_rows @ columns.T  # (b, B + B·K)
     logits_per_text = logit_scale * text_rows @ all_image.T  # (b, B)
     labels = torch.arange(image_rows.shape[0], device=image_rows.device) + offset
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
 
 
 def sigmoid_rows_loss(
@@ -73,7 +75,11 @@ def local_clip_loss(
     check_local(image_features, text_features, neg_text_features, logit_scale)
     neg = flat_negatives(neg_text_features, image_features.shape[0])
     return softmax_rows_loss(
-        image_features, text_features, image_features, text_features, logit_scale,
+        image_features,
+        text_features,
+        image_features,
+        text_features,
+        logit_scale,
         all_neg_text=neg,
     )
 

@@ -52,19 +52,21 @@ def ring_pass(
     `visit(block) -> (row_parts, column_parts)`: results for this rank's rows, merged over the
     W blocks, and results for the visited block's columns, which travel on with the block,
     merged with what earlier ranks computed for it, until they reach the block's owner.
+    `merge(total, part)` may update `total` in place, so `visit` must return fresh tensors.
     """
-    rows: list[Tensor] | None = None
+    rows: list[Tensor] = []
     columns_in_flight = None
     for step in range(ring.size):
         data = ring.shift(block, tag=_DATA_TAG) if step < ring.size - 1 else None
         row_parts, columns = visit(block)
-        rows = row_parts if rows is None else [merge(a, p) for a, p in zip(rows, row_parts)]
+        rows = (
+            row_parts if step == 0 else [merge(a, p) for a, p in zip(rows, row_parts, strict=True)]
+        )
         if columns_in_flight is not None:
-            columns = [merge(c, r) for c, r in zip(columns, columns_in_flight.wait())]
+            columns = [merge(c, r) for c, r in zip(columns, columns_in_flight.wait(), strict=True)]
         columns_in_flight = ring.shift(columns, tag=_ACC_TAG) if ring.size > 1 and columns else None
         if data is not None:
             block = data.wait()
-    assert rows is not None
     return rows, columns if columns_in_flight is None else columns_in_flight.wait()
 
 
@@ -78,7 +80,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _similarity(rows: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
+    """rows·columnsᵀ in the features' dtype, then in `dtype` (same in forward and backward)."""
     return (rows @ columns.T).to(dtype)  # (t, t)
+
+
+def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))  # Σ a ⊙ b without a (t, t) temporary
 
 
 def _block_lse(
@@ -90,10 +97,10 @@ def _block_lse(
     col_lse = x.new_full((columns.shape[0],), float("-inf"), dtype=dtype) if with_columns else None
     for i in _tiles(x.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
-            logits = s * _similarity(x[i], columns[j], dtype)
-            row_lse[i] = torch.logaddexp(row_lse[i], logits.logsumexp(1))
+            logits = _similarity(x[i], columns[j], dtype).mul_(s)
+            torch.logaddexp(row_lse[i], logits.logsumexp(1), out=row_lse[i])
             if col_lse is not None:
-                col_lse[j] = torch.logaddexp(col_lse[j], logits.logsumexp(0))
+                torch.logaddexp(col_lse[j], logits.logsumexp(0), out=col_lse[j])
     return row_lse, col_lse
 
 
@@ -118,17 +125,17 @@ def _block_softmax_grads(
     for i in _tiles(x.shape[0], tile_size):
         x_i = x[i].to(dtype)
         for j in _tiles(columns.shape[0], tile_size):
-            c_j = columns[j].to(dtype)
-            sim = _similarity(x_i, c_j, dtype)
-            logits = s * sim
-            p = torch.exp(logits - row_lse[i, None])
+            sim = _similarity(x[i], columns[j], dtype)
+            logits = sim * s
+            p = torch.sub(logits, row_lse[i, None]).exp_()
             if col_lse is not None:
-                p += torch.exp(logits - col_lse[None, j])
+                p += logits.sub_(col_lse[None, j]).exp_()
             p *= coef
-            ds += (p * sim).sum()
-            dx[i] += p @ c_j
-            dcols[j] += p.T @ x_i
-    return dx * s, dcols * s, ds
+            ds += _flat_dot(p, sim)
+            c_j = columns[j].to(dtype)
+            dx[i].addmm_(p, c_j)
+            dcols[j].addmm_(p.T, x_i)
+    return dx.mul_(s), dcols.mul_(s), ds
 
 
 def _block_sigmoid(
@@ -147,19 +154,27 @@ def _block_sigmoid(
     for i in _tiles(x.shape[0], tile_size):
         x_i = x[i].to(dtype)
         for j in _tiles(columns.shape[0], tile_size):
-            c_j = columns[j].to(dtype)
-            sim = _similarity(x_i, c_j, dtype)
-            logits = s * sim + bias
+            sim = _similarity(x[i], columns[j], dtype)
+            logits = sim * s + bias
             loss += F.softplus(logits).sum()
             if dx is not None and dcols is not None:
-                p = torch.sigmoid(logits)
-                ds += (p * sim).sum()
+                p = logits.sigmoid_()
+                ds += _flat_dot(p, sim)
                 dbias += p.sum()
-                dx[i] += p @ c_j
-                dcols[j] += p.T @ x_i
+                c_j = columns[j].to(dtype)
+                dx[i].addmm_(p, c_j)
+                dcols[j].addmm_(p.T, x_i)
     if dx is None or dcols is None:
         return loss, []
-    return loss, [dx * s, dcols * s, ds, dbias]
+    return loss, [dx.mul_(s), dcols.mul_(s), ds, dbias]
+
+
+def _add_(total: Tensor, part: Tensor) -> Tensor:
+    return total.add_(part)
+
+
+def _logaddexp_(total: Tensor, part: Tensor) -> Tensor:
+    return torch.logaddexp(total, part, out=total)
 
 
 def _positive_logits(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -186,11 +201,11 @@ class _RingSoftmaxLoss(torch.autograd.Function):
             row_lse, col_lse = _block_lse(x, block[0], s, tile_size, with_columns=True)
             if n is not None:
                 neg_lse, _ = _block_lse(x, block[1], s, tile_size, with_columns=False)
-                row_lse = torch.logaddexp(row_lse, neg_lse)
+                _logaddexp_(row_lse, neg_lse)
             return [row_lse], [col_lse]
 
         block = [y] if n is None else [y, n]
-        (row_lse,), (col_lse,) = ring_pass(ring, block, visit, torch.logaddexp)
+        (row_lse,), (col_lse,) = ring_pass(ring, block, visit, _logaddexp_)
         positive = s * _positive_logits(x, y, dtype)
         global_batch = ring.size * x.shape[0]
         # This rank's rows' and columns' share of the global loss; the shares sum to L.
@@ -219,15 +234,15 @@ class _RingSoftmaxLoss(torch.autograd.Function):
             dx_neg, dn_block, ds_neg = _block_softmax_grads(
                 x, block[1], s, row_lse, None, coef, ctx.tile_size
             )
-            return [dx + dx_neg, ds + ds_neg], [dy_block, dn_block]
+            return [dx.add_(dx_neg), ds.add_(ds_neg)], [dy_block, dn_block]
 
         block = [y, col_lse] if n is None else [y, n, col_lse]
-        (dx, ds), column_grads = ring_pass(ring, block, visit, torch.add)
+        (dx, ds), column_grads = ring_pass(ring, block, visit, _add_)
         # Positive pairs: dL/dlogit_ii has an extra −1/B (once per direction, 1/(2B) each).
         positive_coef = 2 * coef
-        dx = dx - positive_coef * s * y.to(dtype)
-        dy = column_grads[0] - positive_coef * s * x.to(dtype)
-        ds = ds - positive_coef * _positive_logits(x, y, dtype).sum()
+        dx = dx.sub_(y.to(dtype) * (positive_coef * s))
+        dy = column_grads[0].sub_(x.to(dtype) * (positive_coef * s))
+        ds = ds.sub_(positive_coef * _positive_logits(x, y, dtype).sum())
         dn = None if n is None else column_grads[1].to(n.dtype)
         grad_scale = ds.to(logit_scale.dtype).reshape(logit_scale.shape)
         return dx.to(x.dtype), dy.to(y.dtype), dn, grad_scale, None, None
@@ -264,7 +279,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
             dx, dy_block, ds, dbias = grads
             return [loss, dx, ds, dbias], [dy_block]
 
-        rows, columns = ring_pass(ring, [y], visit, torch.add)
+        rows, columns = ring_pass(ring, [y], visit, _add_)
         loss_sum = rows[0]
         # Σ_pairs −logsigmoid(±logit) = Σ_pairs softplus(logit) − Σ_diagonal logit.
         positive_sim = _positive_logits(x, y, dtype)
@@ -276,10 +291,10 @@ class _RingSigmoidLoss(torch.autograd.Function):
             # d/dlogit = (sigmoid(logit) − [diagonal]) / B, × W for DDP's mean over ranks.
             coef = ring.size / global_batch
             grads = (
-                coef * (dx - s * y.to(dtype)),
-                coef * (dy - s * x.to(dtype)),
-                coef * (ds - positive_sim.sum()),
-                coef * (dbias - num_rows),
+                dx.sub_(y.to(dtype) * s).mul_(coef),
+                dy.sub_(x.to(dtype) * s).mul_(coef),
+                ds.sub_(positive_sim.sum()).mul_(coef),
+                dbias.sub_(num_rows).mul_(coef),
             )
             ctx.save_for_backward(*grads)
         ctx.input_meta = [(t.dtype, t.shape) for t in (x, y, logit_scale, logit_bias)]
@@ -290,7 +305,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         grads = [
             (grad_loss.to(g.dtype) * g).to(dtype).reshape(shape)
-            for g, (dtype, shape) in zip(ctx.saved_tensors, ctx.input_meta)
+            for g, (dtype, shape) in zip(ctx.saved_tensors, ctx.input_meta, strict=True)
         ]
         return (*grads, None, None)
 
@@ -328,9 +343,7 @@ def ring_clip_loss(
     ring = Ring.of(group)
     neg = flat_negatives(neg_text_features, image_features.shape[0])
     _check(image_features, text_features, neg, [logit_scale], ring, tile_size)
-    loss = _RingSoftmaxLoss.apply(
-        image_features, text_features, neg, logit_scale, ring, tile_size
-    )
+    loss = _RingSoftmaxLoss.apply(image_features, text_features, neg, logit_scale, ring, tile_size)
     return loss
 
 

@@ -9,13 +9,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import open_clip
 import torch
+from torch import nn
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 VLP_MODELS: tuple[str, ...] = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+
+class DualEncoder(nn.Module):
+    """One forward for everything a step needs, so DDP sees every tower call.
+
+    Wraps an open_clip model and returns its output dict (DESIGN §3: `image_features`,
+    `text_features`, `logit_scale`, optional `logit_bias`, `logits`, `labels`), plus
+    `neg_text_features` (b, K, D), normalised, when hard-negative captions (b, K, L) are given.
+    Checkpoints hold the wrapped open_clip model's weights (`.model`), not this wrapper's.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, neg_text: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        output = self.model(image, text)
+        if neg_text is not None:
+            b, k, length = neg_text.shape
+            neg = self.model.encode_text(neg_text.reshape(b * k, length), normalize=True)
+            output["neg_text_features"] = neg.reshape(b, k, -1)
+        return output
 
 
 @dataclass
@@ -48,12 +73,20 @@ def model_config(name: str) -> dict:
     return cfg
 
 
-def build_model(name: str, *, pretrained: str | None = None) -> ModelBundle:
+def build_model(
+    name: str,
+    *,
+    pretrained: str | None = None,
+    init_logit_scale: float | None = None,
+    init_logit_bias: float | None = None,
+) -> ModelBundle:
     """Build model, train/val transforms and tokenizer; `pretrained` is a local weights file."""
     model_config(name)  # validates the name with a clear error
     if pretrained is not None and not Path(pretrained).is_file():
         raise FileNotFoundError(f"model.pretrained: no such weights file {pretrained}")
+    overrides = {"init_logit_scale": init_logit_scale, "init_logit_bias": init_logit_bias}
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, output_dict=True
+        name, pretrained=pretrained, output_dict=True,
+        **{k: v for k, v in overrides.items() if v is not None},
     )
     return ModelBundle(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name))

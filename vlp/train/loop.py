@@ -24,7 +24,7 @@ from vlp.config import RunConfig, dump_config
 from vlp.data.cache import prepare_shapesworld, train_shards_spec
 from vlp.data.pipeline import SkippedTotal, build_train_loader
 from vlp.distributed import build_backend
-from vlp.models import build_model, model_config
+from vlp.models import DualEncoder, build_model, model_config
 from vlp.objectives import build_objectives
 from vlp.train.metrics import JSONLTracker, plot_loss_curve
 from vlp.train.optim import build_optimizer, build_scheduler
@@ -73,9 +73,18 @@ def resolve_data(cfg: RunConfig, accelerator: Accelerator) -> DataSources:
     return DataSources(train_shards_spec(root), sets)
 
 
+def has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or torch.backends.mps.is_available()
+            or (xpu is not None and xpu.is_available()))
+
+
 def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
     trackers = [JSONLTracker("vlp", run_dir) if t == "jsonl" else t for t in cfg.train.trackers]
     accelerator = Accelerator(
+        # Without a GPU, `accelerate launch --multi_gpu` processes must still form a (gloo)
+        # process group; accelerate does that only when told it runs on CPU.
+        cpu=not has_accelerator_device(),
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         log_with=trackers or None,
@@ -95,13 +104,16 @@ def train(cfg: RunConfig) -> RunResult:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     data = resolve_data(cfg, accelerator)
 
-    bundle = build_model(cfg.model.name, pretrained=cfg.model.pretrained)
-    objective = build_objectives(cfg.objectives, backend=build_backend(cfg.loss.backend))
+    m = cfg.model
+    bundle = build_model(m.name, pretrained=m.pretrained, init_logit_scale=m.init_logit_scale,
+                         init_logit_bias=m.init_logit_bias)
+    backend = build_backend(cfg.loss.backend, tile_size=cfg.loss.tile_size)
+    objective = build_objectives(cfg.objectives, backend=backend)
     o = cfg.optim
     optimizer = build_optimizer(bundle.model, lr=o.lr, weight_decay=o.weight_decay,
                                 betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_steps, total_steps=cfg.train.steps)
-    model, optimizer = accelerator.prepare(bundle.model, optimizer)
+    model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
     state = restore(cfg, run_dir, accelerator, model, optimizer, scheduler)
 
     # The data stream is re-seeded with the resume step so a resumed run reads new samples.
@@ -109,7 +121,7 @@ def train(cfg: RunConfig) -> RunResult:
         data.train_shards, preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed * 100_003 + state.step,
-        rank=accelerator.process_index,
+        rank=accelerator.process_index, num_negatives=cfg.data.num_negatives,
     )
     batches, skipped = iter(loader), SkippedTotal()
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
@@ -134,14 +146,14 @@ def train(cfg: RunConfig) -> RunResult:
         if state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
             save(cfg, run_dir, accelerator, model, optimizer, scheduler, state)
     progress.close()
-    accelerator.end_training()
 
     report = None
     if accelerator.is_main_process:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        report = write_report(run_dir, accelerator.unwrap_model(model), bundle,
+        report = write_report(run_dir, accelerator.unwrap_model(model).model, bundle,
                               data.zeroshot_sets, batch_size=cfg.eval.batch_size)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also ends the process group: last
     return RunResult(run_dir, state.step, metrics, report)
 
 
@@ -153,8 +165,10 @@ def train_step(cfg, accelerator, model, objective, optimizer, batches, skipped) 
         batch = next(batches)
         num_skipped = skipped.update(batch)
         with accelerator.accumulate(model):
+            neg_text = batch.get("neg_text")
             output = model(batch["image"].to(accelerator.device),
-                           batch["text"].to(accelerator.device))
+                           batch["text"].to(accelerator.device),
+                           None if neg_text is None else neg_text.to(accelerator.device))
             terms = objective(output, batch)
             accelerator.backward(terms["loss"])
             grad_norm = torch.tensor(0.0)
@@ -167,7 +181,7 @@ def train_step(cfg, accelerator, model, objective, optimizer, batches, skipped) 
         for name, value in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + value.item() / cfg.train.grad_accum
         samples += len(batch["key"])
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model).model
     with torch.no_grad():
         unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     skipped_total = accelerator.reduce(torch.tensor(num_skipped, device=accelerator.device), "sum")
@@ -183,7 +197,11 @@ def train_step(cfg, accelerator, model, objective, optimizer, batches, skipped) 
 
 
 def model_info(cfg: RunConfig) -> dict[str, Any]:
-    return {"name": cfg.model.name, "model_cfg": model_config(cfg.model.name)}
+    """What `model_config.json` records: enough to rebuild the architecture without the recipe."""
+    overrides = {k: v for k, v in (("init_logit_scale", cfg.model.init_logit_scale),
+                                   ("init_logit_bias", cfg.model.init_logit_bias)) if v is not None}
+    return {"name": cfg.model.name, "model_cfg": model_config(cfg.model.name),
+            "model_kwargs": overrides}
 
 
 def save(cfg, run_dir, accelerator, model, optimizer, scheduler, state: TrainState) -> None:
@@ -192,7 +210,7 @@ def save(cfg, run_dir, accelerator, model, optimizer, scheduler, state: TrainSta
         state.scheduler = scheduler.state_dict()
         trainer_state = {k: v for k, v in dataclasses.asdict(state).items() if k != "step"}
         checkpoint.save_checkpoint(
-            run_dir, step=state.step, model=accelerator.unwrap_model(model),
+            run_dir, step=state.step, model=accelerator.unwrap_model(model).model,
             optimizer=optimizer, trainer_state=trainer_state, model_info=model_info(cfg),
             config_yaml=dump_config(cfg), keep_last=cfg.checkpoint.keep_last,
         )
@@ -209,7 +227,7 @@ def restore(cfg, run_dir, accelerator, model, optimizer, scheduler) -> TrainStat
         return TrainState()
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint.resume: no checkpoint folder {ckpt}")
-    saved = checkpoint.load_checkpoint(ckpt, model=accelerator.unwrap_model(model),
+    saved = checkpoint.load_checkpoint(ckpt, model=accelerator.unwrap_model(model).model,
                                        optimizer=optimizer)
     scheduler.load_state_dict(saved["scheduler"])
     accelerator.print(f"resumed from {ckpt} at step {saved['step']}")

@@ -18,12 +18,12 @@ class JSONLTracker(GeneralTracker):
     requires_logging_directory = True
     main_process_only = True
 
-    @on_main_process
+    # No `on_main_process` on __init__: it would create accelerate's PartialState before the
+    # Accelerator does, with the wrong settings. The file is opened on the first log instead.
     def __init__(self, run_name: str, logging_dir: str | Path):
         super().__init__()
         self.path = Path(logging_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a")
+        self.file = None
 
     @property
     def tracker(self):
@@ -35,13 +35,17 @@ class JSONLTracker(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a")
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
     @on_main_process
     def finish(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _plain(value: Any) -> Any:
