@@ -15,6 +15,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlp.train.loop import train
 
     result = train(cfg)
+    if result.stopped_by_signal is not None:
+        return 128 + max(result.stopped_by_signal, 0)
     if result.report is not None:
         print(f"report: {result.report}")
         print(f"results: {result.run_dir / 'results.json'}")

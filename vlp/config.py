@@ -145,6 +145,9 @@ class TrainConfig:
     """Steps between metric logs."""
     trackers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     """Metric sinks: jsonl (metrics.jsonl in the run folder), tensorboard, wandb, ..."""
+    max_nonfinite_steps: int = 10
+    """Stop (after saving the last good state) when this many steps in a row had a non-finite
+    loss or gradient; such steps are skipped and counted."""
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -157,6 +160,9 @@ class TrainConfig:
             )
         if self.log_every <= 0:
             raise ConfigError(f"train.log_every must be > 0, got {self.log_every}")
+        if self.max_nonfinite_steps <= 0:
+            raise ConfigError(
+                f"train.max_nonfinite_steps must be > 0, got {self.max_nonfinite_steps}")
 
 
 @dataclass

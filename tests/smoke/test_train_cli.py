@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,5 +100,26 @@ def test_config_error_fails_before_training_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "vlp train: error: unknown key 'train.stpes'; train accepts: steps, grad_accum, "
-        "mixed_precision, seed, log_every, trackers"]
+        "mixed_precision, seed, log_every, trackers, max_nonfinite_steps"]
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_saves_a_checkpoint_of_that_step_and_exits(tmp_path, cache):
+    args = small_run(tmp_path, cache, "train.steps=100000", "checkpoint.every=100000",
+                     "train.log_every=1")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vlp", "train", str(RECIPE), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    match = re.search(r"stopped by signal at step (\d+)", out)
+    assert match, out[-3000:]
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == f"step-{int(match.group(1)):09d}"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == int(match.group(1))

@@ -35,7 +35,7 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     state = checkpoint.load_checkpoint(path, model=other_model, optimizer=other_opt)
 
     assert state["step"] == 5 and state["samples_seen"] == 50
-    for a, b in zip(model.state_dict().values(), other_model.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), other_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
     saved_opt, loaded_opt = optimizer.state_dict(), other_opt.state_dict()
     for pid in saved_opt["state"]:

@@ -14,7 +14,7 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert values[10] == pytest.approx(1.0)
     assert values[60] == pytest.approx(0.5)
     assert values[110] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
 
 
 def test_scheduler_applies_peak_lr_after_warmup():

@@ -7,9 +7,10 @@ same `encode_image`/`encode_text`, same tokenizer and transforms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch

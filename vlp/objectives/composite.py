@@ -25,7 +25,7 @@ class WeightedObjectives(nn.Module):
     def forward(self, output: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
-        for objective, weight in zip(self.objectives, self.weights):
+        for objective, weight in zip(self.objectives, self.weights, strict=True):
             for name, value in objective(output, batch).items():
                 if name in terms:
                     raise ValueError(f"two objectives both return a term named {name!r}")

@@ -29,6 +29,7 @@ from vlp.objectives import build_objectives
 from vlp.train.metrics import JSONLTracker, plot_loss_curve
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.report import write_report
+from vlp.train.signals import StopRequest
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -40,6 +41,7 @@ class TrainState:
     step: int = 0
     samples_seen: int = 0
     skipped_steps: int = 0
+    nonfinite_streak: int = 0
     scheduler: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,6 +51,11 @@ class RunResult:
     final_step: int
     last_metrics: dict[str, float]
     report: Path | None
+    stopped_by_signal: int | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -127,12 +134,14 @@ def train(cfg: RunConfig) -> RunResult:
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     window_start, window_samples, metrics = time.perf_counter(), 0, {}
+    stop = StopRequest().install()
     while state.step < cfg.train.steps:
         step_metrics = train_step(cfg, accelerator, model, objective, optimizer, batches, skipped)
         scheduler.step()
         state.step += 1
         state.samples_seen += step_metrics.pop("samples")
-        state.skipped_steps += step_metrics.pop("skipped_step")
+        check_finite(cfg, state, step_metrics.pop("skipped_step"),
+                     lambda: save(cfg, run_dir, accelerator, model, optimizer, scheduler, state))
         window_samples += step_metrics["samples_per_rank"]
         progress.update(1)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -143,9 +152,17 @@ def train(cfg: RunConfig) -> RunResult:
             accelerator.log(metrics, step=state.step)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             window_start, window_samples = time.perf_counter(), 0
-        if state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
+        stopping = stop.requested(accelerator)
+        if stopping or state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
             save(cfg, run_dir, accelerator, model, optimizer, scheduler, state)
+        if stopping:
+            break
+    stop.uninstall()
     progress.close()
+    if state.step < cfg.train.steps:
+        accelerator.print(f"stopped by signal at step {state.step}; checkpoint saved in {run_dir}")
+        accelerator.end_training()
+        return RunResult(run_dir, state.step, metrics, None, stopped_by_signal=stop.signum or 0)
 
     report = None
     if accelerator.is_main_process:
@@ -194,6 +211,19 @@ def train_step(cfg, accelerator, model, objective, optimizer, batches, skipped) 
         "samples": samples * accelerator.num_processes,
         "skipped_step": int(not finite),
     }
+
+
+def check_finite(cfg: RunConfig, state: TrainState, skipped_step: int, save_good) -> None:
+    """Count skipped (non-finite) steps; after too many in a row, save and stop."""
+    state.skipped_steps += skipped_step
+    state.nonfinite_streak = state.nonfinite_streak + 1 if skipped_step else 0
+    if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+        save_good()  # the weights are still those of the last finite step
+        raise NonFiniteLossError(
+            f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient "
+            f"(up to step {state.step}); the last good state is saved in {cfg.output_dir}. "
+            "Lower optim.lr, raise optim.warmup_steps, or check the data."
+        )
 
 
 def model_info(cfg: RunConfig) -> dict[str, Any]:

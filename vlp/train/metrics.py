@@ -74,12 +74,12 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path) -> Path:
     keys = sorted({k for r in records for k in r if k.startswith("loss")})
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
-        ax_loss.plot(*zip(*points), label=key)
+        ax_loss.plot(*zip(*points, strict=True), label=key)
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
     ax_loss.legend()
     scale = [(r["step"], r["logit_scale"]) for r in records if "logit_scale" in r]
     if scale:
-        ax_scale.plot(*zip(*scale))
+        ax_scale.plot(*zip(*scale, strict=True))
     ax_scale.set(xlabel="step", ylabel="exp(t)", title="logit scale")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
