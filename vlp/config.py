@@ -221,6 +221,8 @@ class RunConfig:
             raise ConfigError("set exactly one of data.shards (your shards) and data.synth")
         if self.data.shards is not None:
             _check_shards_exist(self.data.shards)
+        if self.model.pretrained is not None and not Path(self.model.pretrained).is_file():
+            raise ConfigError(f"model.pretrained: no such weights file {self.model.pretrained}")
         if not self.objectives:
             raise ConfigError("objectives is empty: name at least one, e.g. [{name: clip}]")
         for i, spec in enumerate(self.objectives):
@@ -229,7 +231,8 @@ class RunConfig:
                 raise ConfigError(
                     f"{key}.name: unknown objective {spec.name!r}; known: {sorted(OBJECTIVES)}"
                 )
-            _build(OBJECTIVES[spec.name].Config, spec.params, key)
+            built = _build(OBJECTIVES[spec.name].Config, spec.params, key)
+            spec.params = {k: getattr(built, k) for k in spec.params}  # typed values
             for needed in getattr(OBJECTIVES[spec.name], "requires_outputs", set()):
                 if not has_output[needed]:
                     raise ConfigError(
@@ -323,7 +326,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     }
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a required field is missing, or a bad value
         raise ConfigError(f"{where}: {e}") from None
 
 

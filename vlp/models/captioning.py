@@ -5,7 +5,7 @@ Shapes: b images, T generated length (≤ `max_length`), V vocabulary size.
 Own loop rather than open_clip's `CoCa.generate`: that method asserts on `transformers`'
 `BeamSearchScorer`, which transformers 5 removed, so it cannot run at all there. Greedy decoding
 here gives the same tokens as `CoCa.generate(generation_type="top_k", top_k=1, min_seq_len=0)`
-(checked in tests/unit/test_objectives.py where that method can run).
+(checked in tests/unit/test_objectives.py, with open_clip's top-k path switched back on).
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ Terms, each returned multiplied by its weight (a zero weight leaves the term out
 - `uniform_cross` = log( mean_{i≠j} exp(−t‖x_i − y_j‖²) ): uniformity across modalities over
   the b(b−1) unmatched image–text pairs, the L_XUniform of the same paper (CUAXU = CLIP +
   uniformity + alignment + cross uniformity; CUA leaves it out). Matched pairs are excluded so
-  that this term does not fight `align`. The paper's text could not be checked here; this is the
-  paper's description (uniformity between the image and text embeddings of different pairs)
-  and agrees with public re-implementations up to a constant.
+  that this term does not fight `align`. The paper's equations could not be read when this was
+  written: the formula follows its description (uniformity between image and text embeddings)
+  and a public re-implementation over the same i≠j pairs (whose value is ours + log(b−1), a
+  constant); another re-implementation also counts the matched pairs i = j.
 
 All terms are local: they see this rank's b pairs only, never the global batch (the log of a
 mean over pairs does not decompose over ranks, and no backend is used). Under DDP the gradient
@@ -30,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlp.config import ConfigError
 from vlp.objectives.registry import register
 
 
@@ -79,7 +79,7 @@ class AlignUniformObjective(nn.Module):
         def __post_init__(self) -> None:
             for name in ("alpha", "t"):
                 if getattr(self, name) <= 0:
-                    raise ConfigError(
+                    raise ValueError(
                         f"objective align_uniform: {name} must be > 0, got {getattr(self, name)}"
                     )
 

