@@ -6,8 +6,13 @@ A checkpoint is a folder `step-{step:09d}` (zero-padded, so name order is step o
     optimizer.safetensors    optimizer tensors, flattened as `state.{param}.{name}`
     trainer_state.json       step, optimizer param groups, scheduler, grad scaler, data position
     rng.safetensors          torch CPU (and CUDA) RNG states of the rank that saved
-    model_config.json        the open_clip architecture (`model_cfg`) and model name
+    model_config.json        the open_clip architecture (`model_cfg`), model name, overrides
+    preprocess.json          image preprocessing (open_clip `PreprocessCfg`) and tokenizer spec
+    text_tower/              a transformers text tower's config and tokenizer files (no weights)
     config.yaml              the resolved run config
+
+`model_config.json`, `preprocess.json` and `text_tower/` come from the model's `ModelSpec`
+(`vlp.models`); with the weights they are all that `vlp.load` and `vlp export` read.
 
 Writing goes to `step-N.tmp/` and is renamed into place only when complete; the run folder's
 `latest` file (also replaced atomically) names the newest complete checkpoint.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,8 @@ from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 PREFIX = "step-"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
 
 
 class CheckpointError(ValueError):
@@ -90,8 +98,13 @@ def save_checkpoint(
     model_info: dict[str, Any],
     config_yaml: str,
     keep_last: int,
+    files: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `step` atomically; prune all but the newest `keep_last`."""
+    """Write a complete checkpoint for `step` atomically; prune all but the newest `keep_last`.
+
+    `files` adds files by relative name: a `Path` value is copied, anything else is written as
+    JSON (`ModelSpec.checkpoint_files()`: `preprocess.json`, `text_tower/...`).
+    """
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / (checkpoint_name(step) + ".tmp")
@@ -99,14 +112,21 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
 
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
+    save_file(weights, tmp / MODEL_WEIGHTS, metadata={"format": "pt", "step": str(step)})
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file(rng_states(), tmp / "rng.safetensors")
     state = {"step": step, "optimizer": opt_meta, **trainer_state}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    (tmp / "model_config.json").write_text(json.dumps(model_info, indent=1))
+    (tmp / MODEL_CONFIG).write_text(json.dumps(model_info, indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
+    for name, content in (files or {}).items():
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, target)
+        else:
+            target.write_text(json.dumps(content, indent=1))
 
     if final.exists():
         shutil.rmtree(final)
@@ -140,7 +160,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _read_json(path: Path) -> Any:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run folder's latest checkpoint; errors name the path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder (expected a vlp checkpoint folder, "
+                                f"which holds {MODEL_CONFIG} and {MODEL_WEIGHTS}, or a run folder)")
+    if (path / MODEL_CONFIG).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"checkpoint file missing: {path / MODEL_CONFIG} (and no "
+                              f"{PREFIX}* checkpoint inside: {path} is neither a vlp checkpoint "
+                              "nor a run folder)")
+    return latest
+
+
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -159,7 +195,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    return _read_tensors(Path(ckpt) / "model.safetensors")
+    return _read_tensors(Path(ckpt) / MODEL_WEIGHTS)
 
 
 def load_checkpoint(
@@ -167,7 +203,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model, optimizer and RNG in place; return the trainer state (step, ...)."""
     ckpt = Path(ckpt)
-    state = _read_json(ckpt / "trainer_state.json")
+    state = read_json(ckpt / "trainer_state.json")
     model.load_state_dict(load_model_weights(ckpt))
     optimizer.load_state_dict(
         unflatten_optimizer_state(_read_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])

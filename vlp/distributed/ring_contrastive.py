@@ -11,7 +11,16 @@ transfer is posted before the current block is computed). Tiles (t, t) of a bloc
 the fly; per-column results (column log-sum-exp in the forward, dy / dn in the backward) travel
 with their block and arrive back at its owner after W steps. Inf-CL ("Breaking the Memory
 Barrier", DESIGN §4) computes the same quantities; here one pass over S serves both softmax
-directions (row LSE = image->text, column LSE = text->image).
+directions (row LSE = image->text, column LSE = text->image), so the softmax costs one tile
+matmul in the forward and three in the backward (open_clip's gather: two and four).
+
+Schedule: every ring step posts one `batch_isend_irecv` for the blocks (before computing) and
+one for the travelling column results (after computing; received while the next block is
+computed). Every rank posts the same sequence of send+receive pairs, which NCCL needs.
+Memory per rank: the current and the incoming column block, the row accumulators, and up to
+three column-result blocks (being computed, being sent, being received), i.e. O((1 + K)·b·D),
+plus a few (t, t) tile temporaries. Only x, y, n and the two LSE vectors (b) are saved for the
+backward (softmax); the sigmoid keeps its finished (b, D) gradients instead.
 
 Gradient semantics (both losses). L is the loss on the global batch. Every rank returns the
 value of L. Backward on rank r yields W·dL/dx_r, W·dL/dy_r, W·dL/dn_r for its own features
@@ -41,33 +50,30 @@ DEFAULT_TILE_SIZE = 1024
 _DATA_TAG = 0  # tags keep the two kinds of ring traffic apart on gloo (NCCL matches by order)
 _ACC_TAG = 16
 
-Visit = Callable[[list[Tensor]], tuple[list[Tensor], list[Tensor]]]
+Visit = Callable[[list[Tensor]], list[Tensor]]
 
 
 def ring_pass(
     ring: Ring, block: list[Tensor], visit: Visit, merge: Callable[[Tensor, Tensor], Tensor]
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Show every rank's `block` to `visit` once; return merged row and own-column results.
+) -> list[Tensor]:
+    """Show every rank's `block` to `visit` once; return the column results of this rank's block.
 
-    `visit(block) -> (row_parts, column_parts)`: results for this rank's rows, merged over the
-    W blocks, and results for the visited block's columns, which travel on with the block,
-    merged with what earlier ranks computed for it, until they reach the block's owner.
-    `merge(total, part)` may update `total` in place, so `visit` must return fresh tensors.
+    `visit(block)` accumulates this rank's row results itself and returns results for the
+    visited block's columns (fresh tensors). Those travel on with the block, combined by
+    `merge(part, earlier)` (which may update `part` in place) with what the ranks before computed
+    for it, and after W steps the owner holds the results of all ranks for its own columns.
     """
-    rows: list[Tensor] = []
     columns_in_flight = None
     for step in range(ring.size):
         data = ring.shift(block, tag=_DATA_TAG) if step < ring.size - 1 else None
-        row_parts, columns = visit(block)
-        rows = (
-            row_parts if step == 0 else [merge(a, p) for a, p in zip(rows, row_parts, strict=True)]
-        )
+        columns = visit(block)
         if columns_in_flight is not None:
-            columns = [merge(c, r) for c, r in zip(columns, columns_in_flight.wait(), strict=True)]
+            earlier = columns_in_flight.wait()
+            columns = [merge(c, e) for c, e in zip(columns, earlier, strict=True)]
         columns_in_flight = ring.shift(columns, tag=_ACC_TAG) if ring.size > 1 and columns else None
         if data is not None:
             block = data.wait()
-    return rows, columns if columns_in_flight is None else columns_in_flight.wait()
+    return columns if columns_in_flight is None else columns_in_flight.wait()
 
 
 def _tiles(length: int, tile_size: int) -> list[slice]:
@@ -88,12 +94,18 @@ def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))  # Σ a ⊙ b without a (t, t) temporary
 
 
+def _zeros(like: Tensor, dtype: torch.dtype, shape: Sequence[int] = ()) -> Tensor:
+    return torch.zeros(shape, dtype=dtype, device=like.device)
+
+
 def _block_lse(
-    x: Tensor, columns: Tensor, s: Tensor, tile_size: int, *, with_columns: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Row-wise (and column-wise) log-sum-exp of s·x·columnsᵀ, reduced tile by tile."""
-    dtype = s.dtype
-    row_lse = x.new_full((x.shape[0],), float("-inf"), dtype=dtype)
+    x: Tensor, columns: Tensor, s: Tensor, tile_size: int, *, row_lse: Tensor, with_columns: bool
+) -> Tensor | None:
+    """Merge each row's log-sum-exp of s·x·columnsᵀ into `row_lse`; return the columns' LSE.
+
+    Reduced tile by tile; the column LSE covers this rank's rows only.
+    """
+    dtype = row_lse.dtype
     col_lse = x.new_full((columns.shape[0],), float("-inf"), dtype=dtype) if with_columns else None
     for i in _tiles(x.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
@@ -101,27 +113,28 @@ def _block_lse(
             torch.logaddexp(row_lse[i], logits.logsumexp(1), out=row_lse[i])
             if col_lse is not None:
                 torch.logaddexp(col_lse[j], logits.logsumexp(0), out=col_lse[j])
-    return row_lse, col_lse
+    return col_lse
 
 
 def _block_softmax_grads(
     x: Tensor,
     columns: Tensor,
     s: Tensor,
+    tile_size: int,
+    *,
     row_lse: Tensor,
     col_lse: Tensor | None,
     coef: Tensor,
-    tile_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of coef·(Σ_rows LSE_row [+ Σ_cols LSE_col]) w.r.t. x, columns and s.
+    dx: Tensor,
+    ds: Tensor,
+) -> Tensor:
+    """Gradients of coef·(Σ_rows LSE_row [+ Σ_cols LSE_col]): add to dx, ds; return dcolumns.
 
-    Recomputes each tile's probabilities P = exp(s·x·cᵀ − lse) from the saved LSEs:
-    dx = s·P·c, dc = s·Pᵀ·x, ds = Σ P ⊙ (x·cᵀ).
+    Recomputes each tile's probabilities P = exp(s·x·cᵀ − lse) from the saved LSEs;
+    dx += P·c, dc = Pᵀ·x (both still to be multiplied by s), ds += Σ P ⊙ (x·cᵀ).
     """
-    dtype = s.dtype
-    dx = torch.zeros(x.shape, dtype=dtype, device=x.device)
-    dcols = torch.zeros(columns.shape, dtype=dtype, device=x.device)
-    ds = torch.zeros((), dtype=dtype, device=x.device)
+    dtype = row_lse.dtype
+    dcols = _zeros(x, dtype, columns.shape)
     for i in _tiles(x.shape[0], tile_size):
         x_i = x[i].to(dtype)
         for j in _tiles(columns.shape[0], tile_size):
@@ -132,49 +145,56 @@ def _block_softmax_grads(
                 p += logits.sub_(col_lse[None, j]).exp_()
             p *= coef
             ds += _flat_dot(p, sim)
-            c_j = columns[j].to(dtype)
-            dx[i].addmm_(p, c_j)
+            dx[i].addmm_(p, columns[j].to(dtype))
             dcols[j].addmm_(p.T, x_i)
-    return dx.mul_(s), dcols.mul_(s), ds
+    return dcols
 
 
 def _block_sigmoid(
-    x: Tensor, columns: Tensor, s: Tensor, bias: Tensor, tile_size: int, *, with_grads: bool
-) -> tuple[Tensor, list[Tensor]]:
-    """Σ softplus(s·x·cᵀ + bias) over a block and, if asked, its gradients.
+    x: Tensor,
+    columns: Tensor,
+    s: Tensor,
+    bias: Tensor,
+    tile_size: int,
+    *,
+    loss: Tensor,
+    grads: tuple[Tensor, Tensor, Tensor] | None,
+) -> Tensor | None:
+    """Add Σ softplus(s·x·cᵀ + bias) to `loss` and, if asked, the gradients of that sum.
 
-    Returns (loss_sum, [dx, dcolumns, ds, dbias]), the list empty when gradients are not asked for.
+    grads = (dx, ds, dbias) accumulators (dx still to be multiplied by s); returns dcolumns
+    (also still to be multiplied by s), or None when gradients are not asked for.
     """
-    dtype = s.dtype
-    loss = torch.zeros((), dtype=dtype, device=x.device)
-    dx = torch.zeros(x.shape, dtype=dtype, device=x.device) if with_grads else None
-    dcols = torch.zeros(columns.shape, dtype=dtype, device=x.device) if with_grads else None
-    ds = torch.zeros((), dtype=dtype, device=x.device)
-    dbias = torch.zeros((), dtype=dtype, device=x.device)
+    dtype = loss.dtype
+    dcols = None if grads is None else _zeros(x, dtype, columns.shape)
     for i in _tiles(x.shape[0], tile_size):
         x_i = x[i].to(dtype)
         for j in _tiles(columns.shape[0], tile_size):
             sim = _similarity(x[i], columns[j], dtype)
             logits = sim * s + bias
             loss += F.softplus(logits).sum()
-            if dx is not None and dcols is not None:
+            if grads is not None and dcols is not None:
+                dx, ds, dbias = grads
                 p = logits.sigmoid_()
                 ds += _flat_dot(p, sim)
                 dbias += p.sum()
-                c_j = columns[j].to(dtype)
-                dx[i].addmm_(p, c_j)
+                dx[i].addmm_(p, columns[j].to(dtype))
                 dcols[j].addmm_(p.T, x_i)
-    if dx is None or dcols is None:
-        return loss, []
-    return loss, [dx.mul_(s), dcols.mul_(s), ds, dbias]
+    return dcols
 
 
-def _add_(total: Tensor, part: Tensor) -> Tensor:
-    return total.add_(part)
+def _without_autocast(t: Tensor) -> torch.autocast:
+    """Tiles use the features' own dtype whatever autocast says, so that the forward and the
+    recomputing backward see the very same logits."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
-def _logaddexp_(total: Tensor, part: Tensor) -> Tensor:
-    return torch.logaddexp(total, part, out=total)
+def _add_(part: Tensor, earlier: Tensor) -> Tensor:
+    return part.add_(earlier)
+
+
+def _logaddexp_(part: Tensor, earlier: Tensor) -> Tensor:
+    return torch.logaddexp(part, earlier, out=part)
 
 
 def _positive_logits(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -194,58 +214,67 @@ class _RingSoftmaxLoss(torch.autograd.Function):
         ring: Ring,
         tile_size: int,
     ) -> Tensor:
-        dtype = _acc_dtype(x.dtype)
-        s = logit_scale.detach().to(dtype).reshape(())
+        with _without_autocast(x):
+            dtype = _acc_dtype(x.dtype)
+            s = logit_scale.detach().to(dtype).reshape(())
+            row_lse = x.new_full((x.shape[0],), float("-inf"), dtype=dtype)
 
-        def visit(block: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-            row_lse, col_lse = _block_lse(x, block[0], s, tile_size, with_columns=True)
-            if n is not None:
-                neg_lse, _ = _block_lse(x, block[1], s, tile_size, with_columns=False)
-                _logaddexp_(row_lse, neg_lse)
-            return [row_lse], [col_lse]
+            def visit(block: list[Tensor]) -> list[Tensor]:
+                col_lse = _block_lse(x, block[0], s, tile_size, row_lse=row_lse, with_columns=True)
+                if n is not None:
+                    _block_lse(x, block[1], s, tile_size, row_lse=row_lse, with_columns=False)
+                return [col_lse]
 
-        block = [y] if n is None else [y, n]
-        (row_lse,), (col_lse,) = ring_pass(ring, block, visit, _logaddexp_)
-        positive = s * _positive_logits(x, y, dtype)
-        global_batch = ring.size * x.shape[0]
-        # This rank's rows' and columns' share of the global loss; the shares sum to L.
-        share = ((row_lse - positive).sum() + (col_lse - positive).sum()) / (2 * global_batch)
-        ctx.save_for_backward(x, y, n, logit_scale, row_lse, col_lse)
-        ctx.ring, ctx.tile_size = ring, tile_size
-        return ring.all_reduce_sum(share)
+            (col_lse,) = ring_pass(ring, [y] if n is None else [y, n], visit, _logaddexp_)
+            positive = s * _positive_logits(x, y, dtype)
+            global_batch = ring.size * x.shape[0]
+            # This rank's rows' and columns' share of the global loss; the shares sum to L.
+            share = ((row_lse - positive).sum() + (col_lse - positive).sum()) / (2 * global_batch)
+            ctx.save_for_backward(x, y, n, logit_scale, row_lse, col_lse)
+            ctx.ring, ctx.tile_size = ring, tile_size
+            return ring.all_reduce_sum(share)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         x, y, n, logit_scale, row_lse, col_lse = ctx.saved_tensors
-        ring: Ring = ctx.ring
-        dtype = row_lse.dtype
-        s = logit_scale.detach().to(dtype).reshape(())
-        global_batch = ring.size * x.shape[0]
-        # × W: DDP divides the summed per-rank gradients by W (see module docstring).
-        coef = grad_loss.to(dtype) * ring.size / (2 * global_batch)
+        with _without_autocast(x):
+            ring: Ring = ctx.ring
+            dtype = row_lse.dtype
+            s = logit_scale.detach().to(dtype).reshape(())
+            global_batch = ring.size * x.shape[0]
+            # × W: DDP divides the summed per-rank gradients by W (see module docstring).
+            coef = grad_loss.to(dtype) * ring.size / (2 * global_batch)
+            dx, ds = _zeros(x, dtype, x.shape), _zeros(x, dtype)
 
-        def visit(block: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-            dx, dy_block, ds = _block_softmax_grads(
-                x, block[0], s, row_lse, block[-1], coef, ctx.tile_size
-            )
-            if n is None:
-                return [dx, ds], [dy_block]
-            dx_neg, dn_block, ds_neg = _block_softmax_grads(
-                x, block[1], s, row_lse, None, coef, ctx.tile_size
-            )
-            return [dx.add_(dx_neg), ds.add_(ds_neg)], [dy_block, dn_block]
+            def block_grads(columns: Tensor, col_lse_block: Tensor | None) -> Tensor:
+                return _block_softmax_grads(
+                    x,
+                    columns,
+                    s,
+                    ctx.tile_size,
+                    row_lse=row_lse,
+                    col_lse=col_lse_block,
+                    coef=coef,
+                    dx=dx,
+                    ds=ds,
+                )
 
-        block = [y, col_lse] if n is None else [y, n, col_lse]
-        (dx, ds), column_grads = ring_pass(ring, block, visit, _add_)
-        # Positive pairs: dL/dlogit_ii has an extra −1/B (once per direction, 1/(2B) each).
-        positive_coef = 2 * coef
-        dx = dx.sub_(y.to(dtype) * (positive_coef * s))
-        dy = column_grads[0].sub_(x.to(dtype) * (positive_coef * s))
-        ds = ds.sub_(positive_coef * _positive_logits(x, y, dtype).sum())
-        dn = None if n is None else column_grads[1].to(n.dtype)
-        grad_scale = ds.to(logit_scale.dtype).reshape(logit_scale.shape)
-        return dx.to(x.dtype), dy.to(y.dtype), dn, grad_scale, None, None
+            def visit(block: list[Tensor]) -> list[Tensor]:
+                dy_block = block_grads(block[0], block[-1])
+                return [dy_block] if n is None else [dy_block, block_grads(block[1], None)]
+
+            block = [y, col_lse] if n is None else [y, n, col_lse]
+            column_grads = ring_pass(ring, block, visit, _add_)
+            # The tiles' dx, dy, dn still miss the factor s. Positive pairs: dL/dlogit_ii has an
+            # extra −1/B (1/(2B) per direction).
+            minus_positive = -2 * coef * s
+            dx = dx.mul_(s).addcmul_(y.to(dtype), minus_positive)
+            dy = column_grads[0].mul_(s).addcmul_(x.to(dtype), minus_positive)
+            ds = ds.sub_(2 * coef * _positive_logits(x, y, dtype).sum())
+            dn = None if n is None else column_grads[1].mul_(s).to(n.dtype)
+            grad_scale = ds.to(logit_scale.dtype).reshape(logit_scale.shape)
+            return dx.to(x.dtype), dy.to(y.dtype), dn, grad_scale, None, None
 
 
 class _RingSigmoidLoss(torch.autograd.Function):
@@ -266,39 +295,49 @@ class _RingSigmoidLoss(torch.autograd.Function):
         logit_bias: Tensor,
         ring: Ring,
         tile_size: int,
+        with_grads: bool,
     ) -> Tensor:
-        dtype = _acc_dtype(x.dtype)
-        s = logit_scale.detach().to(dtype).reshape(())
-        bias = logit_bias.detach().to(dtype).reshape(())
-        with_grads = any(ctx.needs_input_grad[:4])
-
-        def visit(block: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-            loss, grads = _block_sigmoid(x, block[0], s, bias, tile_size, with_grads=with_grads)
-            if not grads:
-                return [loss], []
-            dx, dy_block, ds, dbias = grads
-            return [loss, dx, ds, dbias], [dy_block]
-
-        rows, columns = ring_pass(ring, [y], visit, _add_)
-        loss_sum = rows[0]
-        # Σ_pairs −logsigmoid(±logit) = Σ_pairs softplus(logit) − Σ_diagonal logit.
-        positive_sim = _positive_logits(x, y, dtype)
-        num_rows = x.shape[0]
-        global_batch = ring.size * num_rows
-        share = (loss_sum - (s * positive_sim + bias).sum()) / global_batch
-        if with_grads:
-            (_, dx, ds, dbias), (dy,) = rows, columns
-            # d/dlogit = (sigmoid(logit) − [diagonal]) / B, × W for DDP's mean over ranks.
-            coef = ring.size / global_batch
+        with _without_autocast(x):
+            dtype = _acc_dtype(x.dtype)
+            s = logit_scale.detach().to(dtype).reshape(())
+            bias = logit_bias.detach().to(dtype).reshape(())
+            loss_sum = _zeros(x, dtype)
             grads = (
-                dx.sub_(y.to(dtype) * s).mul_(coef),
-                dy.sub_(x.to(dtype) * s).mul_(coef),
-                ds.sub_(positive_sim.sum()).mul_(coef),
-                dbias.sub_(num_rows).mul_(coef),
+                (_zeros(x, dtype, x.shape), _zeros(x, dtype), _zeros(x, dtype))
+                if with_grads
+                else None
             )
-            ctx.save_for_backward(*grads)
-        ctx.input_meta = [(t.dtype, t.shape) for t in (x, y, logit_scale, logit_bias)]
-        return ring.all_reduce_sum(share)
+
+            def visit(block: list[Tensor]) -> list[Tensor]:
+                dy_block = _block_sigmoid(
+                    x,
+                    block[0],
+                    s,
+                    bias,
+                    tile_size,
+                    loss=loss_sum,
+                    grads=grads,
+                )
+                return [] if dy_block is None else [dy_block]
+
+            column_grads = ring_pass(ring, [y], visit, _add_)
+            # Σ_pairs −logsigmoid(±logit) = Σ_pairs softplus(logit) − Σ_diagonal logit.
+            positive_sim = _positive_logits(x, y, dtype)
+            num_rows = x.shape[0]
+            global_batch = ring.size * num_rows
+            share = (loss_sum - (s * positive_sim + bias).sum()) / global_batch
+            if grads is not None:
+                (dx, ds, dbias), (dy,) = grads, column_grads
+                # d/dlogit = (sigmoid(logit) − [diagonal]) / B, × W for DDP's mean over ranks.
+                coef = ring.size / global_batch
+                ctx.save_for_backward(
+                    dx.mul_(s).addcmul_(y.to(dtype), -s).mul_(coef),
+                    dy.mul_(s).addcmul_(x.to(dtype), -s).mul_(coef),
+                    ds.sub_(positive_sim.sum()).mul_(coef),
+                    dbias.sub_(num_rows).mul_(coef),
+                )
+            ctx.input_meta = [(t.dtype, t.shape) for t in (x, y, logit_scale, logit_bias)]
+            return ring.all_reduce_sum(share)
 
     @staticmethod
     @once_differentiable
@@ -307,7 +346,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
             (grad_loss.to(g.dtype) * g).to(dtype).reshape(shape)
             for g, (dtype, shape) in zip(ctx.saved_tensors, ctx.input_meta, strict=True)
         ]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _check(
@@ -338,7 +377,8 @@ def ring_clip_loss(
 
     Returns the loss on the global batch (same value on every rank). Gradients: W × this rank's
     share, so that DDP's mean over ranks gives the global-batch gradient of every parameter (see
-    the module docstring). Memory: O((1 + K)·b·D + tile_size²) per rank.
+    the module docstring). Memory: O((1 + K)·b·D + tile_size²) per rank; tile_size is the rows
+    and columns of each logits tile (a trade of memory for matmul efficiency).
     """
     ring = Ring.of(group)
     neg = flat_negatives(neg_text_features, image_features.shape[0])
@@ -364,6 +404,7 @@ def ring_siglip_loss(
     """
     ring = Ring.of(group)
     _check(image_features, text_features, None, [logit_scale, logit_bias], ring, tile_size)
-    return _RingSigmoidLoss.apply(
-        image_features, text_features, logit_scale, logit_bias, ring, tile_size
-    )
+    inputs = (image_features, text_features, logit_scale, logit_bias)
+    # The forward computes gradients too (see _RingSigmoidLoss), but only when they can be used.
+    with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    return _RingSigmoidLoss.apply(*inputs, ring, tile_size, with_grads)

@@ -24,7 +24,7 @@ from vlp.config import RunConfig, dump_config
 from vlp.data.cache import prepare_shapesworld, train_shards_spec
 from vlp.data.pipeline import SkippedTotal, build_train_loader
 from vlp.distributed import build_backend
-from vlp.models import DualEncoder, build_model, model_config
+from vlp.models import DualEncoder, ModelSpec, build_model, model_spec
 from vlp.objectives import build_objectives
 from vlp.train.metrics import JSONLTracker, plot_loss_curve
 from vlp.train.optim import build_optimizer, build_scheduler
@@ -113,7 +113,11 @@ def train(cfg: RunConfig) -> RunResult:
 
     m = cfg.model
     bundle = build_model(m.name, pretrained=m.pretrained, init_logit_scale=m.init_logit_scale,
-                         init_logit_bias=m.init_logit_bias)
+                         init_logit_bias=m.init_logit_bias, hf_text_model=m.hf_text_model,
+                         hf_text_pooler=m.hf_text_pooler, hf_text_proj=m.hf_text_proj,
+                         lock_image=m.lock_image,
+                         lock_image_unlocked_groups=m.lock_image_unlocked_groups,
+                         lock_text=m.lock_text, lock_text_unlocked_layers=m.lock_text_unlocked_layers)
     backend = build_backend(cfg.loss.backend, tile_size=cfg.loss.tile_size)
     objective = build_objectives(cfg.objectives, backend=backend)
     o = cfg.optim
@@ -226,12 +230,13 @@ def check_finite(cfg: RunConfig, state: TrainState, skipped_step: int, save_good
         )
 
 
-def model_info(cfg: RunConfig) -> dict[str, Any]:
-    """What `model_config.json` records: enough to rebuild the architecture without the recipe."""
-    overrides = {k: v for k, v in (("init_logit_scale", cfg.model.init_logit_scale),
-                                   ("init_logit_bias", cfg.model.init_logit_bias)) if v is not None}
-    return {"name": cfg.model.name, "model_cfg": model_config(cfg.model.name),
-            "model_kwargs": overrides}
+def model_info(cfg: RunConfig) -> ModelSpec:
+    """What a checkpoint records about the model (`model_config.json`, `preprocess.json`,
+    `text_tower/`): enough to rebuild and feed it without the recipe."""
+    m = cfg.model
+    return model_spec(m.name, init_logit_scale=m.init_logit_scale,
+                      init_logit_bias=m.init_logit_bias, hf_text_model=m.hf_text_model,
+                      hf_text_pooler=m.hf_text_pooler, hf_text_proj=m.hf_text_proj)
 
 
 def save(cfg, run_dir, accelerator, model, optimizer, scheduler, state: TrainState) -> None:
@@ -239,10 +244,12 @@ def save(cfg, run_dir, accelerator, model, optimizer, scheduler, state: TrainSta
     if accelerator.is_main_process:
         state.scheduler = scheduler.state_dict()
         trainer_state = {k: v for k, v in dataclasses.asdict(state).items() if k != "step"}
+        spec = model_info(cfg)
         checkpoint.save_checkpoint(
             run_dir, step=state.step, model=accelerator.unwrap_model(model).model,
-            optimizer=optimizer, trainer_state=trainer_state, model_info=model_info(cfg),
+            optimizer=optimizer, trainer_state=trainer_state, model_info=spec.model_info(),
             config_yaml=dump_config(cfg), keep_last=cfg.checkpoint.keep_last,
+            files=spec.checkpoint_files(),
         )
     accelerator.wait_for_everyone()
 

@@ -1,0 +1,124 @@
+"""Batched embedding of caption lists and image files, each distinct input encoded once.
+
+Compositionality benchmarks reuse inputs heavily (SugarCrepe scores one COCO image in several
+subsets; ARO-Order repeats words across five options), so both helpers deduplicate before
+encoding and hand back a lookup by the original inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vlp.eval.zeroshot import (
+    Device,
+    DualEncoder,
+    Preprocess,
+    Tokenizer,
+    encode_images,
+    encode_texts,
+    eval_mode,
+)
+
+Box = tuple[float, float, float, float]
+"""`(x, y, w, h)` in pixels, ARO's `bbox_x, bbox_y, bbox_w, bbox_h`."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image file, optionally cropped to a box before preprocessing."""
+
+    path: Path
+    box: Box | None = None
+
+
+class TextEmbeddings:
+    """Normalised embeddings of distinct texts, looked up by text."""
+
+    def __init__(self, texts: list[str], features: torch.Tensor):
+        self.features = features
+        """(U, D) float32 on the CPU, one row per distinct text."""
+        self.row = {text: i for i, text in enumerate(texts)}
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """(len(texts), D) embeddings of `texts`, in order."""
+        return self.features[torch.tensor([self.row[t] for t in texts], dtype=torch.long)]
+
+
+def embed_texts(
+    model: DualEncoder,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    device: Device,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "texts",
+) -> TextEmbeddings:
+    """Encode each distinct text of `texts` once, in batches of `batch_size`."""
+    unique = list(dict.fromkeys(texts))
+    chunks = []
+    with eval_mode(model):
+        for start in tqdm(range(0, len(unique), batch_size), desc=desc, unit="batch",
+                          disable=not progress):
+            batch = unique[start: start + batch_size]
+            chunks.append(encode_texts(model, tokenizer, batch, device=device).cpu())
+    features = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    return TextEmbeddings(unique, features)
+
+
+def embed_images(
+    model: DualEncoder,
+    preprocess: Preprocess,
+    refs: Sequence[ImageRef],
+    *,
+    device: Device,
+    batch_size: int,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "images",
+) -> torch.Tensor:
+    """(len(refs), D) normalised embeddings of image files (each distinct file and box once),
+    decoded, cropped and preprocessed by `num_workers` DataLoader workers."""
+    unique = list(dict.fromkeys(refs))
+    loader = DataLoader(_ImageFiles(unique, preprocess), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    chunks = []
+    with eval_mode(model):
+        for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+            chunks.append(encode_images(model, images, device=device).cpu())
+    features = torch.cat(chunks)
+    row = {ref: i for i, ref in enumerate(unique)}
+    return features[torch.tensor([row[r] for r in refs], dtype=torch.long)]
+
+
+def load_image(ref: ImageRef) -> Image.Image:
+    """The RGB image of `ref`, cropped to its box as ARO does (`PIL.Image.crop((x, y, x + w,
+    y + h))`); a bad file raises a ValueError naming it."""
+    try:
+        with Image.open(ref.path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {ref.path}: {err}") from None
+    if ref.box is not None:
+        x, y, w, h = ref.box
+        image = image.crop((x, y, x + w, y + h))
+    return image
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, refs: list[ImageRef], preprocess: Preprocess):
+        self.refs = refs
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.preprocess(load_image(self.refs[index]))
