@@ -3,37 +3,53 @@
 A checkpoint is a folder `step-{step:09d}` (zero-padded, so name order is step order):
 
     model.safetensors        unwrapped model weights
-    optimizer.safetensors    optimizer tensors, flattened as `state.{param}.{name}`
+    optimizer.safetensors    optimizer tensors, flattened as `state.{param name}.{name}`
     trainer_state.json       step, optimizer param groups, scheduler, grad scaler, data position
-    rng.safetensors          torch CPU (and CUDA) RNG states of the rank that saved
+    rng.rank{R}.safetensors  RNG states of rank R (python, numpy, torch CPU, CUDA), one per rank
     model_config.json        the open_clip architecture (`model_cfg`), model name, overrides
     preprocess.json          image preprocessing (open_clip `PreprocessCfg`) and tokenizer spec
     text_tower/              a transformers text tower's config and tokenizer files (no weights)
     config.yaml              the resolved run config
+    manifest.json            size and sha256 of every other file, and whether it is a milestone
 
 `model_config.json`, `preprocess.json` and `text_tower/` come from the model's `ModelSpec`
 (`vlp.models`); with the weights they are all that `vlp.load` and `vlp export` read.
 
 Writing goes to `step-N.tmp/` and is renamed into place only when complete; the run folder's
-`latest` file (also replaced atomically) names the newest complete checkpoint.
+`latest` file (also replaced atomically) names the newest complete checkpoint. With several
+processes, every rank writes its own RNG file into the staging folder (a filesystem all ranks
+share) before the main process completes and renames it. Weights and optimizer state are
+gathered unsharded and keyed by parameter name (torch's distributed state-dict API), so the
+same files serve plain, DDP and FSDP runs. Resuming verifies the manifest first,
+so a truncated or altered file is found before anything is loaded; pruning keeps the newest
+`keep_last` checkpoints and every milestone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 LATEST = "latest"
 PREFIX = "step-"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.safetensors"
+REQUIRED_FILES = (MODEL_WEIGHTS, OPTIMIZER, TRAINER_STATE, MODEL_CONFIG)
 
 
 class CheckpointError(ValueError):
@@ -50,74 +66,210 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def full_state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unsharded model and optimizer state dicts on CPU, both keyed by parameter name (without
+    `prefix`), whether `model` is plain, DDP or FSDP: a collective under FSDP, call it on every
+    rank (only rank 0 then gets the tensors)."""
+    weights, optim = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def strip(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    weights = {strip(k): v for k, v in weights.items() if k.startswith(prefix)}
+    optim = {"state": {strip(k): v for k, v in optim.get("state", {}).items()},
+             "param_groups": [{**g, "params": [strip(p) for p in g["params"]]}
+                              for g in optim.get("param_groups", [])]}  # {} off rank 0
+    return weights, optim
+
+
+def set_full_state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+    optim: dict[str, Any], *, prefix: str = ""
+) -> None:
+    """Load `full_state_dicts` output into `model` and `optimizer` (every rank, FSDP shards it)."""
+    optim = {"state": {prefix + k: v for k, v in optim["state"].items()},
+             "param_groups": [{**g, "params": [prefix + p for p in g["params"]]}
+                              for g in optim["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict={prefix + k: v for k, v in weights.items()},
+                   optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
+
+
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split `optimizer.state_dict()` into tensors (safetensors) and the rest (JSON)."""
+    """Split a name-keyed optimizer state dict into tensors `state.{param}.{name}`
+    (safetensors) and the rest (JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for pid, pstate in state_dict["state"].items():
+    for param, pstate in state_dict["state"].items():
         for name, value in pstate.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"state.{param}.{name}"] = value.detach().contiguous().cpu()
             else:
-                scalars.setdefault(str(pid), {})[name] = value
+                scalars.setdefault(param, {})[name] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, values in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(values)
+        param, name = key.removeprefix("state.").rsplit(".", 1)
+        state.setdefault(param, {})[name] = value
+    for param, values in meta["scalars"].items():
+        state.setdefault(param, {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_states() -> dict[str, torch.Tensor]:
-    states = {"torch": torch.get_rng_state()}
+def rng_file(rank: int) -> str:
+    return f"rng.rank{rank}.safetensors"
+
+
+def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's python, numpy, torch CPU and current-CUDA-device RNG states, as tensors
+    plus the few scalars they need (safetensors metadata)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"cuda.{i}"] = s
-    return states
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    scalars = {"python": [py_version, py_gauss], "numpy": [np_kind, np_pos, np_has_gauss, np_gauss]}
+    return tensors, {"scalars": json.dumps(scalars)}
 
 
-def set_rng_states(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["torch"])
-    cuda = [states[k] for k in sorted(states) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+def set_rng_states(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    scalars = json.loads(metadata["scalars"])
+    py_version, py_gauss = scalars["python"]
+    random.setstate((py_version, tuple(tensors["python"].tolist()), py_gauss))
+    np_kind, np_pos, np_has_gauss, np_gauss = scalars["numpy"]
+    np.random.set_state((np_kind, tensors["numpy"].numpy().astype(np.uint32), np_pos,
+                         np_has_gauss, np_gauss))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def start_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """A fresh, empty staging folder for the checkpoint of `step` (main process only)."""
+    tmp = Path(run_dir) / (checkpoint_name(step) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_rng_state(staging: Path, *, rank: int) -> None:
+    """Write this rank's RNG states into the staging folder (every rank, after `start_checkpoint`)."""
+    tensors, metadata = rng_states()
+    save_file(tensors, staging / rng_file(rank), metadata=metadata)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, *, step: int, milestone: bool) -> None:
+    files = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": 1, "step": step, "milestone": milestone, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Raise `CheckpointError` naming the first file that is missing, truncated or altered
+    since the checkpoint was written (checked against its manifest)."""
+    ckpt = Path(ckpt)
+    manifest = read_json(ckpt / MANIFEST)
+    try:
+        files = manifest["files"]
+        missing = [name for name in REQUIRED_FILES if name not in files]
+    except (TypeError, KeyError):
+        raise CheckpointError(f"{ckpt / MANIFEST}: no 'files' table") from None
+    if missing:
+        raise CheckpointError(f"{ckpt / MANIFEST}: does not list {', '.join(missing)}")
+    for name, expected in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{ckpt / MANIFEST}: names a file outside the checkpoint: {name}")
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file missing: {path}")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                                  f"{expected['bytes']} (truncated or replaced)")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: sha256 differs from the manifest (altered or corrupt)")
+
+
+def is_milestone(ckpt: Path) -> bool:
+    try:
+        return bool(json.loads((ckpt / MANIFEST).read_text()).get("milestone"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    return int(ckpt.name[len(PREFIX):])
+
+
+def prune_checkpoints(run_dir: str | Path, *, keep_last: int, newest: int) -> None:
+    """Of the checkpoints up to step `newest` (the one just written), delete all but the last
+    `keep_last`, except milestones. Later steps (a timeline abandoned by resuming from an
+    earlier checkpoint) are left alone, so a fresh checkpoint is never the one pruned."""
+    current = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) <= newest]
+    for old in current[:-keep_last]:
+        if not is_milestone(old):
+            shutil.rmtree(old)
 
 
 def save_checkpoint(
     run_dir: str | Path,
     *,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
     trainer_state: dict[str, Any],
     model_info: dict[str, Any],
     config_yaml: str,
     keep_last: int,
     files: Mapping[str, Any] | None = None,
+    milestone: bool = False,
+    staged: bool = False,
 ) -> Path:
-    """Write a complete checkpoint for `step` atomically; prune all but the newest `keep_last`.
+    """Write a complete checkpoint for `step` atomically; prune all but the newest `keep_last`
+    and the milestones (a `milestone` checkpoint is never pruned).
 
-    `files` adds files by relative name: a `Path` value is copied, anything else is written as
-    JSON (`ModelSpec.checkpoint_files()`: `preprocess.json`, `text_tower/...`).
+    `model` and `optimizer` are the (unwrapped) module and its optimizer, or their
+    `full_state_dicts` (what several processes pass). `files` adds files by relative
+    name: a `Path` value is copied, anything else is written as JSON
+    (`ModelSpec.checkpoint_files()`: `preprocess.json`, `text_tower/...`). `staged=True` means
+    `start_checkpoint` made the staging folder and every rank already wrote its RNG file there;
+    otherwise this (single) process is rank 0 and writes its own.
     """
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
-    tmp = run_dir / (checkpoint_name(step) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if staged:
+        tmp = run_dir / (checkpoint_name(step) + ".tmp")
+    else:
+        tmp = start_checkpoint(run_dir, step)
+        save_rng_state(tmp, rank=0)
 
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if isinstance(model, torch.nn.Module):
+        model, optimizer = full_state_dicts(model, optimizer)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.items()}
     save_file(weights, tmp / MODEL_WEIGHTS, metadata={"format": "pt", "step": str(step)})
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file(rng_states(), tmp / "rng.safetensors")
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer)
+    save_file(opt_tensors, tmp / OPTIMIZER)
     state = {"step": step, "optimizer": opt_meta, **trainer_state}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     (tmp / MODEL_CONFIG).write_text(json.dumps(model_info, indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
     for name, content in (files or {}).items():
@@ -127,13 +279,13 @@ def save_checkpoint(
             shutil.copyfile(content, target)
         else:
             target.write_text(json.dumps(content, indent=1))
+    write_manifest(tmp, step=step, milestone=milestone)
 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _atomic_write_text(run_dir / LATEST, final.name + "\n")
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    prune_checkpoints(run_dir, keep_last=keep_last, newest=step)
     return final
 
 
@@ -144,7 +296,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     return sorted(
         p for p in run_dir.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
     )
 
 
@@ -198,15 +350,85 @@ def load_model_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return _read_tensors(Path(ckpt) / MODEL_WEIGHTS)
 
 
+def _read_rng(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = _read_tensors(path)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+    if "scalars" not in metadata:
+        raise CheckpointError(f"{path}: no RNG scalars in its metadata")
+    return tensors, metadata
+
+
 def load_checkpoint(
-    ckpt: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ckpt: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int = 0,
+    verify: bool = True,
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """Restore model, optimizer and RNG in place; return the trainer state (step, ...)."""
+    """Restore model, optimizer and this rank's RNG states in place; return the trainer state
+    (step, scheduler, grad scaler, ...). `model` may be wrapped (DDP, FSDP); `prefix` is where
+    the checkpoint's module sits in it (`model.` in a `DualEncoder`).
+
+    Everything is read (and, with `verify`, checked against the manifest) before anything is
+    changed, so a bad checkpoint raises `CheckpointError` and leaves model and optimizer as they
+    were. A rank without an RNG file (the run now has more processes) keeps its seeded RNG.
+    """
     ckpt = Path(ckpt)
-    state = read_json(ckpt / "trainer_state.json")
-    model.load_state_dict(load_model_weights(ckpt))
-    optimizer.load_state_dict(
-        unflatten_optimizer_state(_read_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
-    )
-    set_rng_states(_read_tensors(ckpt / "rng.safetensors"))
+    if verify:
+        verify_checkpoint(ckpt)
+    state = read_json(ckpt / TRAINER_STATE)
+    weights = load_model_weights(ckpt)
+    try:
+        optim_state = unflatten_optimizer_state(_read_tensors(ckpt / OPTIMIZER), state["optimizer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: bad optimizer entry ({e})") from None
+    rng_path = ckpt / rng_file(rank)
+    rng = _read_rng(rng_path) if rng_path.is_file() else None
+
+    set_full_state_dicts(model, optimizer, weights, optim_state, prefix=prefix)
+    if rng is not None:
+        set_rng_states(*rng)
+    state["rng_restored"] = rng is not None
     return state
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """Checkpoints a run may resume from, best first: the one `latest` names, then the older
+    ones, newest first. Later steps than `latest` belong to an abandoned timeline."""
+    found = list_checkpoints(run_dir)
+    pointer = Path(run_dir) / LATEST
+    named = Path(run_dir) / pointer.read_text().strip() if pointer.is_file() else None
+    if named in found:
+        found = [c for c in found if checkpoint_step(c) <= checkpoint_step(named)]
+    return found[::-1]
+
+
+def newest_verified_checkpoint(
+    run_dir: str | Path,
+) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """The best `resume_candidates` checkpoint whose files match its manifest, and the ones
+    passed over with the reason."""
+    skipped = []
+    for ckpt in resume_candidates(run_dir):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            skipped.append((ckpt, e))
+            continue
+        return ckpt, skipped
+    return None, skipped
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a checkpoint that failed to verify to `step-N.broken` (kept for inspection, out
+    of the way of pruning and resuming)."""
+    target = ckpt.with_name(ckpt.name + ".broken")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{ckpt.name}.broken{n}")
+    os.replace(ckpt, target)
+    return target

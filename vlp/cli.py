@@ -1,4 +1,5 @@
-"""`vlp train | eval | export | embed | shards synth` — the command line."""
+"""`vlp train | eval | export | embed | shards synth|build|negatives|inspect|validate` — the
+command line."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from vlp.config import ConfigError
+from vlp.data.command import add_shards_commands
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--samples-per-shard", type=int, default=5_000)
     synth.set_defaults(func=cmd_shards_synth)
+    add_shards_commands(shards_sub)  # build, negatives, inspect, validate
     return parser
 
 

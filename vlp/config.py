@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from vlp.data.limits import SampleLimits
+
 
 class ConfigError(ValueError):
     """A recipe or override is wrong; the message names the key and what to change."""
@@ -119,11 +121,41 @@ class SynthConfig:
 
 
 @dataclass
+class HFDataConfig:
+    """A Hugging Face `datasets` dataset with an image and a text column, read locally."""
+
+    path: str
+    """A `save_to_disk` folder, or a local folder `datasets.load_dataset` reads (parquet,
+    imagefolder, ...)."""
+    split: str | None = "train"
+    """Split to read (None: a `save_to_disk` folder holding a single Dataset)."""
+    image_column: str = "image"
+    """Column with the image (an `Image` feature, image bytes, or a local file path)."""
+    text_column: str = "text"
+    """Column with the caption."""
+    streaming: bool = False
+    """Read as an `IterableDataset` (split over workers by its shards) instead of by index."""
+
+
+DATA_MODES = ("resampled", "epoch")
+
+
+@dataclass
 class DataConfig:
     shards: str | None = None
-    """webdataset shard spec with brace expansion, e.g. `data/train-{000000..000127}.tar`."""
+    """webdataset shard spec with brace expansion, e.g. `data/train-{000000..000127}.tar`;
+    `::` joins the parts of a mixture (`a/{000..099}.tar::b/{0..9}.tar`). Local paths, URLs and
+    `pipe:` commands, as webdataset opens them."""
+    shard_weights: list[float] | None = None
+    """Resampled mode: the share of each `::` part of `shards` in the stream (normalised),
+    e.g. [3, 1]; None = every shard equally likely."""
+    mode: str = "resampled"
+    """resampled (shards drawn with replacement) | epoch (every shard once per epoch, shuffled
+    per epoch, split by rank then worker: needs shards >= ranks x workers)."""
+    hf: HFDataConfig | None = None
+    """Train on a Hugging Face dataset instead of shards."""
     synth: SynthConfig | None = None
-    """Use ShapesWorld instead of `shards` (exactly one of the two)."""
+    """Use ShapesWorld instead of `shards` (exactly one of shards, hf and synth)."""
     cache_dir: str = "~/.cache/vlp"
     """Where generated datasets are cached."""
     batch_size: int = 128
@@ -134,8 +166,15 @@ class DataConfig:
     """Samples held in the shuffle buffer of each worker (0 = no shuffling)."""
     num_negatives: int = 0
     """Hard-negative captions per sample (from the json's `neg_captions`); needed by negclip."""
+    max_caption_chars: int = SampleLimits.max_caption_chars
+    """Longer captions are skipped (and counted) as bad samples."""
+    max_image_pixels: int = SampleLimits.max_image_pixels
+    """Images whose header declares more pixels (width x height) are skipped, not decoded."""
 
     def __post_init__(self) -> None:
+        for name in ("max_caption_chars", "max_image_pixels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be > 0, got {getattr(self, name)}")
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be > 0, got {self.batch_size}")
         if self.num_workers < 0:
@@ -144,6 +183,22 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.num_negatives < 0:
             raise ConfigError(f"data.num_negatives must be >= 0, got {self.num_negatives}")
+        if self.mode not in DATA_MODES:
+            raise ConfigError(f"data.mode must be one of {', '.join(DATA_MODES)}, got "
+                              f"{self.mode!r}")
+        if self.shard_weights is not None:
+            if self.mode != "resampled":
+                raise ConfigError("data.shard_weights needs data.mode: resampled (an epoch "
+                                  "reads every shard exactly once)")
+            if self.shards is None:
+                raise ConfigError("data.shard_weights needs data.shards")
+            parts = len([p for p in self.shards.split("::") if p])
+            if len(self.shard_weights) != parts:
+                raise ConfigError(f"data.shard_weights: {len(self.shard_weights)} weights for "
+                                  f"{parts} '::'-separated parts of data.shards")
+            if any(w < 0 for w in self.shard_weights) or not sum(self.shard_weights):
+                raise ConfigError("data.shard_weights must be >= 0 and not all 0, got "
+                                  f"{self.shard_weights}")
 
 
 @dataclass
@@ -200,6 +255,10 @@ class TrainConfig:
     """Optimizer steps in the whole run."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    grad_cache: bool = False
+    """Gradient cache: the `grad_accum` micro-batches of a step (on every rank) form one
+    contrastive batch, embedded twice (without, then with grad) so that only one micro-batch's
+    activations are alive; needs grad_accum >= 2. See vlp/train/grad_cache.py."""
     mixed_precision: str = "no"
     """no | fp16 | bf16 (accelerate's autocast)."""
     seed: int = 0
@@ -233,15 +292,26 @@ class CheckpointConfig:
     every: int = 500
     """Steps between checkpoints (the last step is always saved)."""
     keep_last: int = 2
-    """How many of the newest checkpoints to keep (older ones are deleted)."""
+    """How many of the newest checkpoints to keep (older ones are deleted, milestones never)."""
+    milestones: list[int] = field(default_factory=list)
+    """Steps whose checkpoints are always saved and never pruned, e.g. [10000, 50000]."""
+    milestone_every: int = 0
+    """Also make every step divisible by this a milestone (0 = none)."""
     resume: str = "auto"
-    """auto (latest checkpoint in the run folder, if any) | never | a checkpoint folder path."""
+    """auto (the newest checkpoint in the run folder whose files verify; broken ones are skipped
+    with a warning) | never | a checkpoint folder path (which must verify)."""
 
     def __post_init__(self) -> None:
         if self.every <= 0:
             raise ConfigError(f"checkpoint.every must be > 0, got {self.every}")
         if self.keep_last <= 0:
             raise ConfigError(f"checkpoint.keep_last must be > 0, got {self.keep_last}")
+        if self.milestone_every < 0:
+            raise ConfigError(
+                f"checkpoint.milestone_every must be >= 0, got {self.milestone_every}")
+        bad = [step for step in self.milestones if step <= 0]
+        if bad:
+            raise ConfigError(f"checkpoint.milestones must be steps > 0, got {bad}")
 
 
 @dataclass
@@ -250,6 +320,22 @@ class EvalConfig:
     """CLIP_benchmark-layout zero-shot set evaluated after training (default: ShapesWorld's)."""
     batch_size: int = 256
     """Images per eval batch."""
+    suite: str | None = None
+    """An eval suite file (e.g. eval/suites/shapesworld.yaml) run during training, every
+    `eval.every` steps and after the last one; its metrics go to the trackers as
+    `eval/<benchmark>/<metric>` and its files to `<run>/eval/step-XXXXXXXXX/`."""
+    every: int = 0
+    """Steps between suite runs (0 = only after the last step)."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted `key=value` edits of the suite, as on the `vlp eval` command line."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size must be > 0, got {self.batch_size}")
+        if self.suite is not None and not Path(self.suite).is_file():
+            raise ConfigError(f"eval.suite: no such suite file {self.suite}")
 
 
 @dataclass
@@ -280,8 +366,12 @@ class RunConfig:
         how_to_get = {"logit_bias": "set model.init_logit_bias (SigLIP: -10)",
                       "logits": "use a captioning (CoCa) model, e.g. model.name=vlp-tiny-coca"}
 
-        if (self.data.shards is None) == (self.data.synth is None):
-            raise ConfigError("set exactly one of data.shards (your shards) and data.synth")
+        sources = [self.data.shards, self.data.hf, self.data.synth]
+        if sum(source is not None for source in sources) != 1:
+            raise ConfigError("set exactly one of data.shards (your shards), data.hf (a Hugging "
+                              "Face dataset) and data.synth (ShapesWorld)")
+        if self.data.hf is not None and not Path(self.data.hf.path).expanduser().exists():
+            raise ConfigError(f"data.hf.path: no such folder {self.data.hf.path}")
         if self.data.shards is not None:
             _check_shards_exist(self.data.shards)
         self.model.check_sources()
@@ -307,12 +397,35 @@ class RunConfig:
                     "neg_text): set data.num_negatives > 0 and use shards whose json has "
                     "'neg_captions'"
                 )
+        if self.train.grad_cache:
+            _check_grad_cache(self)
         if self.loss.backend not in BACKENDS and self.loss.backend != "auto":
             raise ConfigError(
                 f"loss.backend: unknown {self.loss.backend!r}; known: auto, {', '.join(BACKENDS)}"
             )
         if self.eval.zeroshot is not None and not Path(self.eval.zeroshot).is_dir():
             raise ConfigError(f"eval.zeroshot: no such folder {self.eval.zeroshot}")
+
+
+def _check_grad_cache(cfg: RunConfig) -> None:
+    from vlp.objectives import OBJECTIVES
+    from vlp.train.grad_cache import CACHEABLE_OUTPUTS
+
+    if cfg.train.grad_accum < 2:
+        raise ConfigError(
+            "train.grad_cache: true needs train.grad_accum >= 2 micro-batches per step (with one "
+            "it only adds a second forward); raise train.grad_accum or drop train.grad_cache"
+        )
+    for i, spec in enumerate(cfg.objectives):
+        uncached = sorted(getattr(OBJECTIVES[spec.name], "requires_outputs", set())
+                          - CACHEABLE_OUTPUTS)
+        if uncached:
+            raise ConfigError(
+                f"objectives[{i}]: objective {spec.name!r} reads the model output(s) {uncached} "
+                "per sample, which train.grad_cache does not cache (it caches features, logit "
+                "scale and bias); drop train.grad_cache (use plain train.grad_accum) or this "
+                "objective"
+            )
 
 
 def _check_shards_exist(spec: str) -> None:
@@ -417,6 +530,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads `no`/`yes` as booleans
+        return "yes" if value else "no"
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

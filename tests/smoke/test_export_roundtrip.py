@@ -38,7 +38,7 @@ def run(tmp_path_factory) -> Path:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "vlp", "train", str(ROOT / "recipes" / "shapesworld-tiny.yaml"),
-         "train.steps=3", "data.synth.num_train=600", "data.synth.num_eval=64",
+         "model.name=vlp-tiny", "train.steps=3", "data.synth.num_train=600", "data.synth.num_eval=64",
          "data.synth.samples_per_shard=300", "data.batch_size=16", "data.num_workers=0",
          f"output_dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
          "train.trackers=[jsonl]"],

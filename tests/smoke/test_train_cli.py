@@ -100,7 +100,7 @@ def test_config_error_fails_before_training_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "vlp train: error: unknown key 'train.stpes'; train accepts: steps, grad_accum, "
-        "mixed_precision, seed, log_every, trackers, max_nonfinite_steps"]
+        "grad_cache, mixed_precision, seed, log_every, trackers, max_nonfinite_steps"]
     assert not (tmp_path / "run").exists()
 
 
@@ -123,3 +123,47 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_exits(tmp_path, cache):
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.name == f"step-{int(match.group(1)):09d}"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == int(match.group(1))
+
+
+def test_eval_suite_runs_during_training_and_its_metrics_reach_the_trackers(tmp_path, cache):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: during-training\n"
+        "shapesworld: {}\n"
+        "benchmarks:\n"
+        "  - {name: zeroshot, task: zeroshot, data: '${shapesworld}/zeroshot'}\n"
+        "  - {name: gap, task: gap, data: '${shapesworld}/retrieval'}\n"
+    )
+    vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=4", "checkpoint.every=4",
+                                         f"eval.suite={suite}", "eval.every=2"))
+    run = tmp_path / "run"
+    logged = [r for r in read_metrics(run / "metrics.jsonl") if "eval/zeroshot/acc1" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert all(0.0 <= r["eval/zeroshot/acc1"] <= 1.0 and r["eval/gap/gap"] > 0
+               for r in logged)
+    for step in (2, 4):
+        folder = run / "eval" / f"step-{step:09d}"
+        assert json.loads((folder / "zeroshot.json").read_text())["task"] == (
+            "zeroshot_classification")
+        assert (folder / "report.md").is_file()
+
+
+def test_two_process_ring_run_with_gradient_cache_trains(tmp_path, cache):
+    """2 ranks × 2 micro-batches of 16: each step is one 64-row contrastive batch."""
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no")
+    vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=12", "checkpoint.every=12",
+                                         "data.batch_size=16", "train.grad_accum=2",
+                                         "train.grad_cache=true", "loss.backend=ring",
+                                         "train.log_every=1"),
+        launcher=launcher)
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    first, last = (sum(r["loss"] for r in part) / 3 for part in (records[:3], records[-3:]))
+    assert last < 0.95 * first, (first, last)
+    state = json.loads((run / "step-000000012" / "trainer_state.json").read_text())
+    assert state["samples_seen"] == 12 * 64
+    assert json.loads((run / "eval" / "zeroshot.json").read_text())["task"] == (
+        "zeroshot_classification")

@@ -1,7 +1,9 @@
 """Checkpoints: complete or absent, self-describing, loadable without unpickling."""
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,19 +19,32 @@ def tiny_setup(seed: int = 0):
     return model, optimizer
 
 
-def save(run_dir, step, model, optimizer, keep_last=2):
+def save(run_dir, step, model, optimizer, keep_last=2, milestone=False, staged=False):
     return checkpoint.save_checkpoint(
         run_dir, step=step, model=model, optimizer=optimizer,
         trainer_state={"samples_seen": step * 10}, model_info={"name": "toy"},
-        config_yaml="train: {steps: 3}\n", keep_last=keep_last,
+        config_yaml="train: {steps: 3}\n", keep_last=keep_last, milestone=milestone,
+        staged=staged,
     )
+
+
+def draws():
+    """One draw from each generator a training step may use."""
+    return random.random(), float(np.random.randn()), torch.rand(1).item()
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     model, optimizer = tiny_setup(0)
-    torch.manual_seed(123)
+    seed_all(123)
+    np.random.randn()  # leaves a cached gaussian in numpy's state, which must survive too
     path = save(tmp_path, 5, model, optimizer)
-    expected_random = torch.rand(3)
+    expected = draws()
 
     other_model, other_opt = tiny_setup(1)
     state = checkpoint.load_checkpoint(path, model=other_model, optimizer=other_opt)
@@ -42,7 +57,7 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
         for name, value in saved_opt["state"][pid].items():
             torch.testing.assert_close(loaded_opt["state"][pid][name], value)
     assert loaded_opt["param_groups"][0]["lr"] == saved_opt["param_groups"][0]["lr"]
-    torch.testing.assert_close(torch.rand(3), expected_random)
+    assert draws() == expected
 
 
 def test_checkpoint_is_self_describing(tmp_path):
@@ -50,7 +65,10 @@ def test_checkpoint_is_self_describing(tmp_path):
     path = save(tmp_path, 1, model, optimizer)
     names = {p.name for p in path.iterdir()}
     assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json",
-            "rng.safetensors", "model_config.json", "config.yaml"} <= names
+            "rng.rank0.safetensors", "model_config.json", "config.yaml", "manifest.json"} <= names
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == names - {"manifest.json"}
+    assert manifest["step"] == 1 and manifest["milestone"] is False
     assert json.loads((path / "model_config.json").read_text()) == {"name": "toy"}
     assert not list(path.glob("*.pt")) and not list(path.glob("*.bin")) and not list(path.glob("*.pkl"))
 
@@ -95,3 +113,128 @@ def test_missing_state_file_is_named(tmp_path):
     (path / "trainer_state.json").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="trainer_state.json"):
         checkpoint.load_checkpoint(path, model=model, optimizer=optimizer)
+
+
+def test_milestones_are_never_pruned(tmp_path):
+    model, optimizer = tiny_setup()
+    for step in range(1, 8):
+        save(tmp_path, step, model, optimizer, keep_last=2, milestone=step in (2, 4))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "step-000000002", "step-000000004", "step-000000006", "step-000000007"]
+
+
+def test_each_rank_restores_its_own_rng_states(tmp_path):
+    model, optimizer = tiny_setup()
+    staging = checkpoint.start_checkpoint(tmp_path, 3)
+    expected = {}
+    for rank in (0, 1):  # as two processes would, each with its own streams
+        seed_all(100 + rank)
+        checkpoint.save_rng_state(staging, rank=rank)
+        expected[rank] = draws()
+    path = save(tmp_path, 3, model, optimizer, staged=True)
+    assert {"rng.rank0.safetensors", "rng.rank1.safetensors"} <= {p.name for p in path.iterdir()}
+
+    for rank in (1, 0):
+        seed_all(7)
+        state = checkpoint.load_checkpoint(path, model=model, optimizer=optimizer, rank=rank)
+        assert state["rng_restored"] and draws() == expected[rank]
+
+
+def test_a_rank_the_checkpoint_did_not_have_keeps_its_seeded_rng(tmp_path):
+    model, optimizer = tiny_setup()
+    path = save(tmp_path, 1, model, optimizer)
+    seed_all(5)
+    expected = draws()
+    seed_all(5)
+    state = checkpoint.load_checkpoint(path, model=model, optimizer=optimizer, rank=3)
+    assert state["rng_restored"] is False and draws() == expected
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, different content: only the hash can tell
+    path.write_bytes(bytes(data))
+
+
+def list_outside_file(manifest_path):
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["../../outside.txt"] = {"bytes": 1, "sha256": "0" * 64}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "truncated weights": ("model.safetensors", truncate),
+    "tampered weights": ("model.safetensors", flip_one_byte),
+    "tampered optimizer": ("optimizer.safetensors", flip_one_byte),
+    "missing rng file": ("rng.rank0.safetensors", lambda p: p.unlink()),
+    "bad trainer state json": ("trainer_state.json", lambda p: p.write_text("{not json")),
+    "missing manifest": ("manifest.json", lambda p: p.unlink()),
+    "bad manifest json": ("manifest.json", lambda p: p.write_text("[1, 2")),
+    "manifest naming a file outside": ("manifest.json", list_outside_file),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoint_fails_to_verify_naming_the_file(tmp_path, damage):
+    model, optimizer = tiny_setup()
+    path = save(tmp_path, 1, model, optimizer)
+    name, damage_file = DAMAGE[damage]
+    damage_file(path / name)
+    with pytest.raises(checkpoint.CheckpointError, match=name.replace(".", r"\.")):
+        checkpoint.verify_checkpoint(path)
+
+
+def test_a_bad_checkpoint_changes_nothing_when_loading_fails(tmp_path):
+    model, optimizer = tiny_setup(0)
+    path = save(tmp_path, 1, model, optimizer)
+    flip_one_byte(path / "optimizer.safetensors")
+    other_model, other_opt = tiny_setup(1)
+    before = {k: v.clone() for k, v in other_model.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.safetensors"):
+        checkpoint.load_checkpoint(path, model=other_model, optimizer=other_opt)
+    for key, value in other_model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+def test_newest_verified_checkpoint_passes_over_broken_ones(tmp_path):
+    model, optimizer = tiny_setup()
+    for step in (1, 2, 3):
+        save(tmp_path, step, model, optimizer, keep_last=3)
+    truncate(tmp_path / "step-000000003" / "model.safetensors")
+    (tmp_path / "step-000000002" / "trainer_state.json").unlink()
+
+    found, skipped = checkpoint.newest_verified_checkpoint(tmp_path)
+
+    assert found == tmp_path / "step-000000001"
+    assert [(bad.name, type(err)) for bad, err in skipped] == [
+        ("step-000000003", checkpoint.CheckpointError),
+        ("step-000000002", checkpoint.CheckpointError)]
+    assert "model.safetensors" in str(skipped[0][1])
+    assert "trainer_state.json" in str(skipped[1][1])
+
+
+def test_a_set_aside_checkpoint_is_no_longer_listed(tmp_path):
+    model, optimizer = tiny_setup()
+    bad = save(tmp_path, 1, model, optimizer)
+    moved = checkpoint.set_aside(bad)
+    assert moved.name == "step-000000001.broken" and moved.is_dir()
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    bad = save(tmp_path, 1, model, optimizer)
+    assert checkpoint.set_aside(bad).name == "step-000000001.broken2"
+
+
+def test_after_resuming_from_an_earlier_step_the_new_timeline_wins(tmp_path):
+    model, optimizer = tiny_setup()
+    for step in (2, 4, 6):
+        save(tmp_path, step, model, optimizer, keep_last=3)
+    save(tmp_path, 3, model, optimizer, keep_last=1)  # resumed from 2, saved at 3
+
+    # Pruning never removes what was just written, nor the abandoned steps 4 and 6;
+    # resuming follows `latest` (step 3), not the highest step number.
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "step-000000003", "step-000000004", "step-000000006"]
+    assert checkpoint.resume_candidates(tmp_path) == [tmp_path / "step-000000003"]

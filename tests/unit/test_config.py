@@ -22,7 +22,7 @@ def minimal(**sections) -> dict:
 
 def test_shipped_main_recipe_loads():
     cfg = load_config(RECIPES / "shapesworld-tiny.yaml")
-    assert cfg.model.name == "vlp-tiny"
+    assert cfg.model.name == "vlp-tiny-rn"
     assert cfg.data.synth is not None and cfg.data.shards is None
     assert [o.name for o in cfg.objectives] == ["clip"]
 
@@ -52,6 +52,20 @@ def test_int_is_accepted_where_float_expected(tmp_path):
 def test_exponent_without_dot_is_a_float(tmp_path):
     cfg = load_config(write(tmp_path, minimal()), ["optim.lr=2e-3"])
     assert cfg.optim.lr == 0.002
+
+
+def test_yaml_no_means_the_string_no(tmp_path):
+    (tmp_path / "r.yaml").write_text("data: {synth: {num_train: 100}}\ntrain: {mixed_precision: no}\n")
+    assert load_config(tmp_path / "r.yaml").train.mixed_precision == "no"
+    cfg = load_config(write(tmp_path, minimal()), ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+
+
+def test_eval_suite_must_exist_and_every_be_non_negative(tmp_path):
+    with pytest.raises(ConfigError, match="eval.suite: no such suite file nowhere.yaml"):
+        load_config(write(tmp_path, minimal(eval={"suite": "nowhere.yaml"})))
+    with pytest.raises(ConfigError, match="eval.every must be >= 0"):
+        load_config(write(tmp_path, minimal(eval={"every": -1})))
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -114,6 +128,10 @@ def test_unknown_backend_is_named(tmp_path):
         ("optim.lr=0", "optim.lr"),
         ("checkpoint.every=0", "checkpoint.every"),
         ("data.synth.image_size=0", "data.synth.image_size"),
+        ("data.max_caption_chars=0", "data.max_caption_chars"),
+        ("data.max_image_pixels=-5", "data.max_image_pixels"),
+        ("checkpoint.milestones=[0]", "checkpoint.milestones"),
+        ("checkpoint.milestone_every=-1", "checkpoint.milestone_every"),
     ],
 )
 def test_out_of_range_value_is_named(tmp_path, override, key):

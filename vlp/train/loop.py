@@ -19,13 +19,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from vlp import checkpoint
-from vlp.config import RunConfig, dump_config
+from vlp.config import ConfigError, RunConfig, dump_config
 from vlp.data.cache import prepare_shapesworld, train_shards_spec
-from vlp.data.pipeline import SkippedTotal, build_train_loader
 from vlp.distributed import build_backend
+from vlp.eval.runner import run_suite
+from vlp.eval.suite import Suite, load_suite
 from vlp.models import DualEncoder, ModelSpec, build_model, model_spec
 from vlp.objectives import build_objectives
+from vlp.train.checkpointing import restore_run_checkpoint, save_due, save_run_checkpoint
+from vlp.train.data_stream import build_batches, gather_data_position, rank_data_position
+from vlp.train.grad_cache import grad_cache_step
 from vlp.train.metrics import JSONLTracker, plot_loss_curve
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.report import write_report
@@ -43,6 +46,9 @@ class TrainState:
     skipped_steps: int = 0
     nonfinite_streak: int = 0
     scheduler: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    """This rank's data stream positions (`DataPosition.state_dict()`); a checkpoint holds
+    every rank's (`vlp.train.data_stream`)."""
 
 
 @dataclass
@@ -62,13 +68,15 @@ class NonFiniteLossError(RuntimeError):
 class DataSources:
     train_shards: str
     zeroshot_sets: dict[str, Path]
+    shapesworld_root: Path | None = None
+    """The generated ShapesWorld folder when training on it (eval suites reuse its sets)."""
 
 
 def resolve_data(cfg: RunConfig, accelerator: Accelerator) -> DataSources:
     """User shards, or ShapesWorld generated on first use (main process first, others wait)."""
-    if cfg.data.shards is not None:
+    if cfg.data.shards is not None or cfg.data.hf is not None:
         sets = {"zeroshot": Path(cfg.eval.zeroshot)} if cfg.eval.zeroshot else {}
-        return DataSources(cfg.data.shards, sets)
+        return DataSources(cfg.data.shards or "", sets)
     params = dataclasses.asdict(cfg.data.synth)
     with accelerator.main_process_first():
         root = prepare_shapesworld(
@@ -77,7 +85,7 @@ def resolve_data(cfg: RunConfig, accelerator: Accelerator) -> DataSources:
     sets = {"zeroshot": root / "zeroshot", "zeroshot_heldout": root / "zeroshot_heldout"}
     if cfg.eval.zeroshot:
         sets = {"zeroshot": Path(cfg.eval.zeroshot)}
-    return DataSources(train_shards_spec(root), sets)
+    return DataSources(train_shards_spec(root), sets, shapesworld_root=root)
 
 
 def has_accelerator_device() -> bool:
@@ -92,7 +100,8 @@ def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
         # Without a GPU, `accelerate launch --multi_gpu` processes must still form a (gloo)
         # process group; accelerate does that only when told it runs on CPU.
         cpu=not has_accelerator_device(),
-        gradient_accumulation_steps=cfg.train.grad_accum,
+        # The gradient cache accumulates by itself: accelerate must not divide its loss.
+        gradient_accumulation_steps=1 if cfg.train.grad_cache else cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         log_with=trackers or None,
         project_dir=str(run_dir),
@@ -110,6 +119,7 @@ def train(cfg: RunConfig) -> RunResult:
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     data = resolve_data(cfg, accelerator)
+    suite = load_eval_suite(cfg, data, accelerator)
 
     m = cfg.model
     bundle = build_model(m.name, pretrained=m.pretrained, init_logit_scale=m.init_logit_scale,
@@ -127,14 +137,9 @@ def train(cfg: RunConfig) -> RunResult:
     model, optimizer = accelerator.prepare(DualEncoder(bundle.model), optimizer)
     state = restore(cfg, run_dir, accelerator, model, optimizer, scheduler)
 
-    # The data stream is re-seeded with the resume step so a resumed run reads new samples.
-    loader = build_train_loader(
-        data.train_shards, preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer,
-        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed * 100_003 + state.step,
-        rank=accelerator.process_index, num_negatives=cfg.data.num_negatives,
-    )
-    batches, skipped = iter(loader), SkippedTotal()
+    # A resumed run continues every data stream at the sample after the last one it used.
+    loader, skipped = build_batches(cfg, data.train_shards, bundle, accelerator, state)
+    batches = iter(loader)
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     window_start, window_samples, metrics = time.perf_counter(), 0, {}
@@ -144,6 +149,7 @@ def train(cfg: RunConfig) -> RunResult:
         scheduler.step()
         state.step += 1
         state.samples_seen += step_metrics.pop("samples")
+        state.data = skipped.state_dict()
         check_finite(cfg, state, step_metrics.pop("skipped_step"),
                      lambda: save(cfg, run_dir, accelerator, model, optimizer, scheduler, state))
         window_samples += step_metrics["samples_per_rank"]
@@ -157,10 +163,12 @@ def train(cfg: RunConfig) -> RunResult:
             progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             window_start, window_samples = time.perf_counter(), 0
         stopping = stop.requested(accelerator)
-        if stopping or state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps:
+        if stopping or save_due(cfg.checkpoint, state.step, last=state.step == cfg.train.steps):
             save(cfg, run_dir, accelerator, model, optimizer, scheduler, state)
         if stopping:
             break
+        if suite is not None and eval_due(cfg, state.step):
+            evaluate_suite_now(cfg, accelerator, model, bundle, suite, run_dir, state.step)
     stop.uninstall()
     progress.close()
     if state.step < cfg.train.steps:
@@ -180,6 +188,9 @@ def train(cfg: RunConfig) -> RunResult:
 
 def train_step(cfg, accelerator, model, objective, optimizer, batches, skipped) -> dict[str, Any]:
     """One optimizer step over `train.grad_accum` micro-batches; skips non-finite updates."""
+    if cfg.train.grad_cache:  # the micro-batches form one contrastive batch
+        return grad_cache_step(cfg, accelerator, model, objective, optimizer, batches, skipped,
+                               max_logit_scale=MAX_LOGIT_SCALE)
     terms_sum: dict[str, float] = {}
     samples = 0
     for _ in range(cfg.train.grad_accum):
@@ -230,6 +241,35 @@ def check_finite(cfg: RunConfig, state: TrainState, skipped_step: int, save_good
         )
 
 
+def load_eval_suite(cfg: RunConfig, data: DataSources, accelerator: Accelerator) -> Suite | None:
+    """Check the suite of `eval.suite` before the first step (a ShapesWorld suite reuses the
+    training run's ShapesWorld folder)."""
+    if cfg.eval.suite is None:
+        return None
+    paths = {"shapesworld": data.shapesworld_root} if data.shapesworld_root else None
+    with accelerator.main_process_first():
+        try:
+            return load_suite(cfg.eval.suite, overrides=cfg.eval.overrides, paths=paths,
+                              progress=accelerator.is_local_main_process)
+        except ValueError as err:
+            raise ConfigError(f"eval.suite: {err}") from None
+
+
+def eval_due(cfg: RunConfig, step: int) -> bool:
+    return step == cfg.train.steps or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
+
+
+def evaluate_suite_now(cfg, accelerator, model, bundle, suite: Suite, run_dir: Path,
+                       step: int) -> None:
+    """Run the suite on the main process (others wait); metrics go to the trackers."""
+    if accelerator.is_main_process:
+        metrics = run_suite(accelerator.unwrap_model(model).model, bundle.tokenizer,
+                            bundle.preprocess_val, suite, run_dir / "eval" / f"step-{step:09d}",
+                            step=step, batch_size=cfg.eval.batch_size)
+        accelerator.log(metrics, step=step)
+    accelerator.wait_for_everyone()
+
+
 def model_info(cfg: RunConfig) -> ModelSpec:
     """What a checkpoint records about the model (`model_config.json`, `preprocess.json`,
     `text_tower/`): enough to rebuild and feed it without the recipe."""
@@ -240,33 +280,24 @@ def model_info(cfg: RunConfig) -> ModelSpec:
 
 
 def save(cfg, run_dir, accelerator, model, optimizer, scheduler, state: TrainState) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state.scheduler = scheduler.state_dict()
-        trainer_state = {k: v for k, v in dataclasses.asdict(state).items() if k != "step"}
-        spec = model_info(cfg)
-        checkpoint.save_checkpoint(
-            run_dir, step=state.step, model=accelerator.unwrap_model(model).model,
-            optimizer=optimizer, trainer_state=trainer_state, model_info=spec.model_info(),
-            config_yaml=dump_config(cfg), keep_last=cfg.checkpoint.keep_last,
-            files=spec.checkpoint_files(),
-        )
-    accelerator.wait_for_everyone()
+    """Checkpoint `state.step` (every rank calls this; see `vlp.train.checkpointing`)."""
+    state.scheduler = scheduler.state_dict()
+    trainer_state = {k: v for k, v in dataclasses.asdict(state).items() if k != "step"}
+    trainer_state["data"] = gather_data_position(cfg, accelerator, state.data)
+    spec = model_info(cfg)
+    save_run_checkpoint(accelerator, run_dir, cfg.checkpoint, step=state.step, model=model,
+                        optimizer=optimizer, trainer_state=trainer_state,
+                        model_info=spec.model_info(), config_yaml=dump_config(cfg),
+                        files=spec.checkpoint_files())
 
 
 def restore(cfg, run_dir, accelerator, model, optimizer, scheduler) -> TrainState:
-    """Load the checkpoint `checkpoint.resume` names (auto = latest in the run folder)."""
-    resume = cfg.checkpoint.resume
-    if resume == "never":
+    """Load the checkpoint `checkpoint.resume` names (auto = the newest that verifies)."""
+    saved = restore_run_checkpoint(accelerator, run_dir, cfg.checkpoint, model=model,
+                                   optimizer=optimizer)
+    if saved is None:
         return TrainState()
-    ckpt = checkpoint.latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
-    if ckpt is None:
-        return TrainState()
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint.resume: no checkpoint folder {ckpt}")
-    saved = checkpoint.load_checkpoint(ckpt, model=accelerator.unwrap_model(model).model,
-                                       optimizer=optimizer)
     scheduler.load_state_dict(saved["scheduler"])
-    accelerator.print(f"resumed from {ckpt} at step {saved['step']}")
+    saved["data"] = rank_data_position(cfg, accelerator, saved.get("data"))
     fields = {f.name for f in dataclasses.fields(TrainState)}
     return TrainState(**{k: v for k, v in saved.items() if k in fields})

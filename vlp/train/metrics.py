@@ -53,12 +53,13 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a resumed run's repeated steps keep the newest record."""
+    """One record per step of a metrics.jsonl: records of one step (training metrics, eval
+    metrics) are merged, and a resumed run's repeated steps keep the newest values."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -1,0 +1,102 @@
+"""The table and plot of `benchmarks/objectives_shapesworld.py`, on hand-written results (no
+training): one row per objective, mean ± sample std over seeds, missing metrics shown as such."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "objectives_shapesworld.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("objectives_shapesworld", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def fake_run(objective: str, seed: int, *, seen: float, swap_att: float, gap: float) -> dict:
+    sugarcrepe = {s: 0.5 for s in ("swap_obj", "replace_att", "replace_rel", "replace_obj",
+                                   "add_att", "add_obj")}
+    return {"objective": objective, "seed": seed,
+            "metrics": {"zeroshot": {"acc1": seen, "acc5": 1.0},
+                        "zeroshot_heldout": {"acc1": seen / 2},
+                        "sugarcrepe": {**sugarcrepe, "swap_att": swap_att, "mean": 0.5},
+                        "gap": {"gap": gap, "matched_cosine": 0.3}}}
+
+
+def rows(table: str) -> dict[str, list[str]]:
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = dict(zip(header, cells, strict=True))
+    return out
+
+
+def test_table_has_one_row_per_objective_with_mean_and_sample_std_over_seeds(bench):
+    runs = [fake_run("clip", 0, seen=0.5, swap_att=0.6, gap=0.8),
+            fake_run("negclip", 0, seen=0.4, swap_att=0.9, gap=0.5),
+            fake_run("clip", 1, seen=0.7, swap_att=0.6, gap=0.6),
+            fake_run("negclip", 1, seen=0.4, swap_att=0.7, gap=0.7)]
+    table = rows(bench.build_table(runs))
+    assert list(table) == ["clip", "negclip"]
+    clip, negclip = table["clip"], table["negclip"]
+    assert clip["seeds"] == "2"
+    assert clip["zero-shot seen"] == "60.0 ± 14.1"  # mean 0.6, stdev(0.5, 0.7) = 0.1414
+    assert clip["zero-shot held-out"] == "30.0 ± 7.1"
+    assert clip["swap_att"] == "60.0 ± 0.0"
+    assert clip["gap ‖μx−μy‖"] == "0.700 ± 0.141"  # the gap is a distance, not a percentage
+    assert negclip["swap_att"] == "80.0 ± 14.1"
+    assert negclip["replace_rel"] == "50.0 ± 0.0"
+
+
+def test_single_seed_shows_the_value_alone_and_a_missing_metric_as_a_dash(bench):
+    siglip = fake_run("siglip", 3, seen=0.25, swap_att=0.55, gap=1.2)
+    clip = fake_run("clip", 3, seen=0.25, swap_att=0.55, gap=1.2)
+    del siglip["metrics"]["sugarcrepe"]["add_obj"]
+    table = rows(bench.build_table([siglip, clip]))
+    row = table["siglip"]
+    assert row["seeds"] == "1"
+    assert row["zero-shot seen"] == "25.0"
+    assert row["swap_att"] == "55.0"
+    assert row["gap ‖μx−μy‖"] == "1.200"
+    assert row["add_obj"] == "–"
+    assert table["clip"]["add_obj"] == "50.0"
+
+
+def test_a_subset_no_run_scored_gets_no_column(bench):
+    runs = [fake_run("clip", 0, seen=0.5, swap_att=0.6, gap=0.8)]
+    del runs[0]["metrics"]["sugarcrepe"]["add_att"]
+    header = bench.build_table(runs).splitlines()[0]
+    assert "add_att" not in header
+    assert "| swap_att | replace_rel | swap_obj |" in header
+
+
+def test_every_training_override_is_the_same_for_every_objective(bench, tmp_path):
+    overrides = bench.train_overrides(tmp_path, steps=7, seed=2, batch_size=16, cache_dir="c")
+    assert f"output_dir={tmp_path}" in overrides
+    assert {"train.steps=7", "train.seed=2", "data.batch_size=16", "data.cache_dir=c",
+            "checkpoint.resume=never"} <= set(overrides)
+    assert not any(o.startswith("model.") for o in overrides)  # each recipe's own model
+    with_model = bench.train_overrides(tmp_path, steps=7, seed=2, batch_size=16, cache_dir="c",
+                                       model="vlp-tiny")
+    assert with_model == [*overrides, "model.name=vlp-tiny"]
+    assert set(bench.RECIPES) == {"clip", "siglip", "negclip", "clip+align_uniform"}
+    assert all(path.is_file() for path in bench.RECIPES.values())
+
+
+def test_plot_writes_a_png(bench, tmp_path):
+    runs = [fake_run("clip", 0, seen=0.5, swap_att=0.6, gap=0.8),
+            fake_run("clip", 1, seen=0.6, swap_att=0.6, gap=0.7),
+            fake_run("negclip", 0, seen=0.4, swap_att=0.9, gap=0.5)]
+    path = bench.plot_summary(runs, tmp_path / "objectives.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
