@@ -198,12 +198,14 @@ def _concatenated_batch(micro_batches: Sequence[dict[str, Any]]) -> dict[str, An
     return joined
 
 
-def grad_cache_step(cfg, accelerator, model, objective, optimizer, batches, skipped, *,
-                    max_logit_scale: float) -> dict[str, Any]:
-    """`train_step` with `train.grad_cache`: one optimizer step on one cached contrastive batch.
+def grad_cache_step(cfg, accelerator, model, objective, optimizer, batches, skipped
+                    ) -> tuple[dict[str, float], Tensor, bool, int, int]:
+    """The update of `train_step` with `train.grad_cache`: one optimizer step on one cached
+    contrastive batch. Returns `(terms, grad_norm, finite, num_skipped, samples)` for
+    `train_step` to report.
 
-    Returns the same metrics as `train_step`. The accelerator must not rescale the loss for
-    accumulation (`gradient_accumulation_steps=1`): the cached gradients are already the mean.
+    The accelerator must not rescale the loss for accumulation (`gradient_accumulation_steps=1`):
+    the cached gradients are already the mean.
     """
     if accelerator.gradient_accumulation_steps != 1:
         raise RuntimeError("grad_cache_step needs an Accelerator with gradient_accumulation_steps=1")
@@ -220,17 +222,5 @@ def grad_cache_step(cfg, accelerator, model, objective, optimizer, batches, skip
     if finite:
         optimizer.step()
     optimizer.zero_grad()
-    unwrapped = accelerator.unwrap_model(model).model
-    with torch.no_grad():
-        unwrapped.logit_scale.clamp_(0, max_logit_scale)
-    skipped_total = accelerator.reduce(torch.tensor(num_skipped, device=accelerator.device), "sum")
     samples = sum(len(batch["key"]) for batch in micro_batches)
-    return {
-        **{("loss" if k == "loss" else f"loss_{k}"): v.item() for k, v in terms.items()},
-        "logit_scale": unwrapped.logit_scale.exp().item(),
-        "grad_norm": float(grad_norm),
-        "skipped_samples": int(skipped_total),
-        "samples_per_rank": samples,
-        "samples": samples * accelerator.num_processes,
-        "skipped_step": int(not finite),
-    }
+    return {k: v.item() for k, v in terms.items()}, grad_norm, finite, num_skipped, samples

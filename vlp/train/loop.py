@@ -189,8 +189,9 @@ def train(cfg: RunConfig) -> RunResult:
 def train_step(cfg, accelerator, model, objective, optimizer, batches, skipped) -> dict[str, Any]:
     """One optimizer step over `train.grad_accum` micro-batches; skips non-finite updates."""
     if cfg.train.grad_cache:  # the micro-batches form one contrastive batch
-        return grad_cache_step(cfg, accelerator, model, objective, optimizer, batches, skipped,
-                               max_logit_scale=MAX_LOGIT_SCALE)
+        terms_sum, grad_norm, finite, num_skipped, samples = grad_cache_step(
+            cfg, accelerator, model, objective, optimizer, batches, skipped)
+        return step_metrics(accelerator, model, terms_sum, grad_norm, finite, num_skipped, samples)
     terms_sum: dict[str, float] = {}
     samples = 0
     for _ in range(cfg.train.grad_accum):
@@ -213,12 +214,18 @@ def train_step(cfg, accelerator, model, objective, optimizer, batches, skipped) 
         for name, value in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + value.item() / cfg.train.grad_accum
         samples += len(batch["key"])
+    return step_metrics(accelerator, model, terms_sum, grad_norm, finite, num_skipped, samples)
+
+
+def step_metrics(accelerator, model, terms: dict[str, float], grad_norm, finite: bool,
+                 num_skipped: int, samples: int) -> dict[str, Any]:
+    """After an update: clamp the temperature, and the step's metrics for the trackers."""
     unwrapped = accelerator.unwrap_model(model).model
     with torch.no_grad():
         unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     skipped_total = accelerator.reduce(torch.tensor(num_skipped, device=accelerator.device), "sum")
     return {
-        **{("loss" if k == "loss" else f"loss_{k}"): v for k, v in terms_sum.items()},
+        **{("loss" if k == "loss" else f"loss_{k}"): v for k, v in terms.items()},
         "logit_scale": unwrapped.logit_scale.exp().item(),
         "grad_norm": float(grad_norm),
         "skipped_samples": int(skipped_total),
