@@ -38,14 +38,14 @@ def load_reference(path: str | Path) -> Reference:
     if not path.is_file():
         raise ValueError(f"reference file {path} not found")
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    _keys(raw, {"model", "results", "notes"}, f"{path}", required={"model", "results"})
+    check_keys(raw, {"model", "results", "notes"}, f"{path}", required={"model", "results"})
     metrics: dict[str, dict[str, float]] = {}
     sources: dict[str, str] = {}
     if not isinstance(raw["results"], list):
         raise ValueError(f"{path}: 'results' must be a list")
     for i, entry in enumerate(raw["results"]):
         where = f"{path}: results[{i}]"
-        _keys(entry, {"benchmark", "source", "metrics"}, where, required={"benchmark", "source",
+        check_keys(entry, {"benchmark", "source", "metrics"}, where, required={"benchmark", "source",
                                                                          "metrics"})
         name = str(entry["benchmark"])
         if not isinstance(entry["metrics"], dict) or not entry["metrics"]:
@@ -60,9 +60,13 @@ def load_reference(path: str | Path) -> Reference:
     return Reference(str(raw["model"]), metrics, sources, path)
 
 
-def _keys(raw: Any, allowed: set[str], where: str, *, required: set[str]) -> None:
+def check_keys(
+    raw: Any, allowed: set[str], where: str, *, required: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """`raw` is a mapping with only `allowed` keys and every `required` one; else a ValueError
+    naming `where` and the keys."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping")
+        raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

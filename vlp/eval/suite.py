@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from vlp.eval.references import Reference, load_reference
+from vlp.eval.references import Reference, check_keys, load_reference
 from vlp.eval.tasks import build_options, get_task
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "eval" / "suites"
@@ -114,7 +114,7 @@ def parse_suite(
     source: Path | None = None,
 ) -> Suite:
     """A suite from its parsed YAML mapping (see `load_suite`); `where` names it in errors."""
-    _check_keys(raw, _TOP_KEYS, where, required={"name", "benchmarks"})
+    check_keys(raw, _TOP_KEYS, where, required={"name", "benchmarks"})
     name = _typed(raw, "name", str, where)
     batch_size = _typed(raw, "batch_size", int, where, default=64)
     num_workers = _typed(raw, "num_workers", int, where, default=0)
@@ -190,19 +190,6 @@ def _child(node: Any, part: str, key: str, where: str) -> Any:
     return node[part]
 
 
-def _check_keys(
-    raw: Any, allowed: set[str], where: str, *, required: frozenset[str] | set[str] = frozenset()
-) -> None:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    missing = sorted(required - set(raw))
-    if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}")
-
-
 def _typed(raw: dict, key: str, kind: type, where: str, *, default: Any = None) -> Any:
     value = raw.get(key, default)
     if value is None and default is not None:
@@ -234,7 +221,7 @@ def _benchmark_entries(raw: dict, where: str) -> list[dict[str, Any]]:
     out, names = [], set()
     for i, entry in enumerate(entries):
         key = f"{where}: benchmarks[{i}]"
-        _check_keys(entry, _BENCHMARK_KEYS, key, required={"name", "task", "data"})
+        check_keys(entry, _BENCHMARK_KEYS, key, required={"name", "task", "data"})
         name, task, data = entry["name"], entry["task"], entry["data"]
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"{key}.name: expected letters, digits, '_', '-' or '.', got {name!r}")
@@ -299,7 +286,7 @@ def _shapesworld_root(raw: dict, base_dir: Path, where: str, progress: bool) -> 
 
     section = raw[SHAPESWORLD]
     key = f"{where}: {SHAPESWORLD}"
-    _check_keys(section, _SHAPESWORLD_KEYS, key)
+    check_keys(section, _SHAPESWORLD_KEYS, key)
     if section.get("root") is not None:
         root = (base_dir / Path(str(section["root"])).expanduser()).resolve()
         if not (root / "manifest.json").is_file():
@@ -308,7 +295,7 @@ def _shapesworld_root(raw: dict, base_dir: Path, where: str, progress: bool) -> 
     params = section.get("params") or {}
     allowed = {p for p in inspect.signature(write_shapesworld).parameters
                if p not in ("out_dir", "num_workers", "progress")}
-    _check_keys(params, allowed, f"{key}.params")
+    check_keys(params, allowed, f"{key}.params")
     cache_dir = Path(str(section.get("cache_dir") or "~/.cache/vlp")).expanduser()
     try:
         return prepare_shapesworld(base_dir / cache_dir, params, progress=progress)
