@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+class DataError(RuntimeError):
+    """The data cannot feed training (e.g. no usable sample); its message is one line."""
+
+    def __str__(self) -> str:
+        # Raised in a DataLoader worker, it arrives re-raised with the worker's traceback in
+        # its message; the last line is the original message.
+        text = super().__str__().rstrip()
+        last = text.splitlines()[-1] if text else text
+        return last.removeprefix(f"{type(self).__module__}.{type(self).__qualname__}: ")
+
+
 @dataclass
 class SkipCounter:
     """Per-worker count of samples that could not be used."""
@@ -182,7 +193,7 @@ class ShardStream(IterableDataset):
             fast_forwarded = 0 <= index < skip_to
             empty_rounds = 0 if decoded_any or fast_forwarded else empty_rounds + 1
             if empty_rounds == MAX_EMPTY_ROUNDS:  # rather than spin for ever
-                raise RuntimeError(
+                raise DataError(
                     f"data: stream {stream.global_id} (rank {stream.rank}, worker {worker}) got "
                     f"no usable sample in {MAX_EMPTY_ROUNDS} rounds in a row (up to round "
                     f"{round_}) from {self.source.describe()}: {counter.skipped} skipped so "
