@@ -27,6 +27,8 @@ from typing import Any
 
 import webdataset as wds
 
+from vlp.data.tar_reader import read_shard
+
 MODES = ("resampled", "epoch")
 SHARDS_PER_ROUND = 8
 """Shards a resampled stream draws per round; a resume replays at most one round's samples."""
@@ -127,9 +129,9 @@ class ShardSource:
 
     def samples(self, round_: int, stream: Stream,
                 on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-        urls = ({"url": url} for url in self.shards(round_, stream))
-        samples = wds.tarfile_to_samples(handler=on_error)(urls)
-        return shuffle_buffer(iter(samples), self.shuffle_buffer,
+        samples = (sample for url in self.shards(round_, stream)
+                   for sample in read_shard(url, on_error))
+        return shuffle_buffer(samples, self.shuffle_buffer,
                               f"{self.seed}/shuffle/{stream.global_id}/{round_}")
 
     def describe(self) -> str:
