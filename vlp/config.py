@@ -166,7 +166,8 @@ class DataConfig:
     shards: str | None = None
     """webdataset shard spec with brace expansion, e.g. `data/train-{000000..000127}.tar`;
     `::` joins the parts of a mixture (`a/{000..099}.tar::b/{0..9}.tar`). Local paths, URLs and
-    `pipe:` commands, as webdataset opens them."""
+    `pipe:` commands, as webdataset opens them: a `pipe:` spec runs a shell command (printed
+    when the run starts). Set on the command line, it replaces the recipe's source."""
     shard_weights: list[float] | None = None
     """Resampled mode: the share of each `::` part of `shards` in the stream (normalised),
     e.g. [3, 1]; None = every shard equally likely."""
