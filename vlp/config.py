@@ -407,7 +407,9 @@ class RunConfig:
         how_to_get = {"logit_bias": "set model.init_logit_bias (SigLIP: -10)",
                       "logits": "use a captioning (CoCa) model, e.g. model.name=vlp-tiny-coca"}
 
-        _check_output_dir(self.output_dir)
+        _check_folder("output_dir", self.output_dir)
+        if self.data.synth is not None:
+            _check_folder("data.cache_dir", self.data.cache_dir)
         self.train.check_trackers()
         sources = [self.data.shards, self.data.hf, self.data.synth]
         if sum(source is not None for source in sources) != 1:
@@ -475,14 +477,14 @@ def _check_grad_cache(cfg: RunConfig) -> None:
             )
 
 
-def _check_output_dir(output_dir: str) -> None:
-    """The run folder is a folder, or can become one (no file in the way)."""
-    path = Path(output_dir).expanduser()
+def _check_folder(key: str, folder: str) -> None:
+    """`folder` is a folder, or can become one (no file in the way)."""
+    path = Path(folder).expanduser()
     for where in (path, *path.parents):
         if where.exists():
             if not where.is_dir():
                 what = "is" if where == path else f"has {where}, which is"
-                raise ConfigError(f"output_dir: {output_dir} {what} a file, not a folder")
+                raise ConfigError(f"{key}: {folder} {what} a file, not a folder")
             return
 
 

@@ -68,12 +68,13 @@ def test_malformed_override_fails_with_one_line_naming_the_key(capsys, override,
     assert key in err[0]
 
 
-def test_output_dir_naming_a_file_fails_with_one_line(capsys, tmp_path):
+@pytest.mark.parametrize("key", ["output_dir", "data.cache_dir"])
+def test_a_folder_naming_a_file_fails_with_one_line(capsys, tmp_path, key):
     (tmp_path / "taken").write_text("a file")
-    for output_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
-        status, err = run_train(capsys, RECIPE, f"output_dir={output_dir}")
+    for folder in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        status, err = run_train(capsys, RECIPE, f"{key}={folder}")
         assert status == 2 and len(err) == 1, err
-        assert "output_dir" in err[0] and "is a file, not a folder" in err[0]
+        assert f"{key}: {folder}" in err[0] and "a file, not a folder" in err[0]
 
 
 def test_non_utf8_recipe_fails_with_one_line_naming_the_file(capsys, tmp_path):
@@ -141,3 +142,33 @@ def test_replaced_shards_drop_the_recipes_shard_weights(tmp_path):
     cfg = load_config(recipe, [f"data.shards={tmp_path}/a.tar::{tmp_path}/c.tar",
                                "data.shard_weights=[1, 2]"])
     assert cfg.data.shard_weights == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("error, status", [
+    ("vlp.train.loop:NonFiniteLossError", 1),
+    ("vlp.checkpoint:CheckpointError", 2),
+    ("vlp.config:ConfigError", 2),  # e.g. checkpoint.resume names one that does not verify
+])
+def test_a_run_that_fails_after_start_up_ends_in_one_line(capsys, monkeypatch, error, status):
+    import importlib
+
+    module, name = error.split(":")
+    cls = getattr(importlib.import_module(module), name)
+
+    def fail(cfg):
+        raise cls("what went wrong,\nover two lines")
+
+    monkeypatch.setattr(vlp.train.loop, "train", fail)
+    code, err = run_train(capsys, RECIPE)
+    assert code == status
+    assert err == ["vlp train: error: what went wrong, over two lines"]
+
+
+def test_a_data_error_from_a_dataloader_worker_keeps_only_its_message():
+    from vlp.data.pipeline import DataError
+
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most "
+               "recent call last):\n  File \"x.py\", line 1, in f\n    raise DataError(...)\n"
+               "vlp.data.pipeline.DataError: data: stream 0 got no usable sample\n")
+    assert str(DataError(wrapped)) == "data: stream 0 got no usable sample"
+    assert str(DataError("plain")) == "plain"
