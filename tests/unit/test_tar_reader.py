@@ -153,3 +153,26 @@ def test_shard_tools_name_a_missing_shard_or_a_folder_instead_of_counting_zero(
         lines = captured.err.splitlines()
         assert len(lines) == 1 and f"vlp shards {command}: error: " in lines[0]
         assert message in lines[0]
+
+
+def test_well_formed_tars_count_nothing_pax_headers_metadata_and_concatenation(tmp_path):
+    shard = tmp_path / "pax.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "a global header"}) as tar:
+        for key, parts in [("a", members(0)), ("__meta__/info", {"json": b"{}"}),
+                           ("b", members(1))]:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.pax_headers = {"comment": "a member header"}
+                tar.addfile(info, io.BytesIO(data))
+    second = tmp_path / "second.tar"
+    write_tar(second, [("c", members(2))])
+    both = tmp_path / "both.tar"  # `cat first.tar second.tar`: zero blocks in the middle
+    both.write_bytes(shard.read_bytes() + second.read_bytes())
+
+    for path, expected in [(shard, ["a", "b"]), (both, ["a", "b", "c"])]:
+        read, skipped = one_epoch(path, len(expected))
+        assert read == expected and skipped == 0
+        report = validate_shards(str(path))
+        assert report["num_samples"] == len(expected) and report["num_corrupt"] == 0

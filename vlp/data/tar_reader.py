@@ -5,7 +5,8 @@ so (the rest of the shard is lost in silence), reports a truncated member severa
 starts a second sample when a key comes back later in the same shard. This reader:
 
 - reads past an unreadable header: tar headers sit on 512-byte blocks and carry a checksum, so
-  it skips to the next block that is a valid header (tarfile's `ignore_zeros`) and goes on;
+  it skips to the next block that is a valid header (tarfile's `ignore_zeros`) and goes on,
+  noting where blocks failed as headers;
 - marks a sample *damaged* when one of its own members is lost: a truncated member, the same
   member name twice, unreadable data between two of its members;
 - counts unreadable data between two samples as one lost sample, unless a neighbouring sample
@@ -21,6 +22,7 @@ skip. Unreadable data is a sample too (key `?`), so that it is counted where it 
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ import webdataset as wds
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DAMAGE = "__damage__"
-BLOCK = tarfile.BLOCKSIZE
+SKIPPED_NAMES = re.compile(r"__[^/]*__($|/)")
+"""Metadata members webdataset skips too (`__index__`, ...)."""
 
 
 @dataclass
@@ -51,22 +54,36 @@ def is_usable_shape(sample: dict[str, Any]) -> bool:
             and any(ext in sample for ext in IMAGE_EXTENSIONS))
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Notes on its TarFile the offset of every block that fails as a header (bad checksum or
+    fields), which `ignore_zeros` then skips; zero blocks are not damage and are not noted."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.InvalidHeaderError:
+            tar.__dict__.setdefault("bad_blocks", []).append(tar.offset)
+            raise
+
+
 def _members(fileobj: BinaryIO) -> Iterator[_Member | _Gap]:
-    """Regular members in order, and a `_Gap` wherever bytes between them could not be read."""
-    tar = tarfile.open(fileobj=fileobj, mode="r|*", ignore_zeros=True)
-    expected = 0  # where the next header should start
+    """Regular members in order, and a `_Gap` wherever blocks between them could not be read."""
+    tar = tarfile.open(fileobj=fileobj, mode="r|*", ignore_zeros=True, tarinfo=_CheckedTarInfo)
+    bad_blocks: list[int] = tar.__dict__.setdefault("bad_blocks", [])
     while True:
         try:
             info = tar.next()
         except (tarfile.TarError, EOFError, OSError) as e:
-            yield _Gap(f"the shard ends early, after byte {expected} ({e})")
+            yield _Gap(f"the shard ends early, at byte {tar.offset} ({e})")
             return
+        if bad_blocks:
+            end = f"-{info.offset}" if info is not None else " to the end"
+            yield _Gap(f"unreadable tar data at bytes {bad_blocks[0]}{end}")
+            bad_blocks.clear()
         if info is None:
             return
-        if info.offset > expected:
-            yield _Gap(f"unreadable tar data at bytes {expected}-{info.offset}")
-        expected = info.offset_data + -(-info.size // BLOCK) * BLOCK
-        if not info.isreg():
+        if not info.isreg() or SKIPPED_NAMES.match(info.name):
             continue
         try:
             data = tar.extractfile(info).read()
