@@ -497,6 +497,9 @@ def _check_shards_exist(spec: str) -> None:
                 continue
             if not Path(url).expanduser().exists():
                 raise ConfigError(f"data.shards: shard not found: {url}")
+            if Path(url).expanduser().is_dir():
+                raise ConfigError(f"data.shards: {url} is a folder, not a shard: name the shard "
+                                  f"files, e.g. '{url.rstrip('/')}/shard-{{000000..000009}}.tar'")
 
 
 # ---------------------------------------------------------------- loading and overriding

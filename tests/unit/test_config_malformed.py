@@ -124,6 +124,12 @@ def test_a_data_source_on_the_command_line_replaces_the_recipes(tmp_path):
     assert load_config(RECIPE, ["data.synth.num_train=64"]).data.synth.num_train == 64
 
 
+def test_a_folder_as_data_shards_is_named(capsys, tmp_path):
+    status, err = run_train(capsys, RECIPE, f"data.shards={tmp_path}")
+    assert status == 2 and len(err) == 1, err
+    assert f"data.shards: {tmp_path} is a folder, not a shard" in err[0]
+
+
 def test_two_data_sources_on_the_command_line_are_still_an_error(tmp_path):
     shard = tmp_path / "train-0.tar"
     shard.write_bytes(b"")
