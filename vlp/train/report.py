@@ -48,7 +48,9 @@ def write_report(
                   ""]
     lines += ["## Zero-shot classification", ""]
     if results:
-        lines += ["| set | acc1 | acc5 | mean_per_class_recall |", "|---|---|---|---|"]
+        lines += ["Sets: " + ", ".join(f"`{name}` ({root})" for name, root in
+                                        zeroshot_sets.items()), "",
+                  "| set | acc1 | acc5 | mean_per_class_recall |", "|---|---|---|---|"]
     else:
         lines += ["No zero-shot set was evaluated: this run trained on your own data and "
                   "`eval.zeroshot` is not set. Add one with `eval.zeroshot=FOLDER` (a "
