@@ -11,12 +11,23 @@ from vlp.data.command import add_shards_commands
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Exit status 2: the run could not start (config, recipe, checkpoint to resume); 1: it
+    started and failed (no usable sample, too many non-finite steps); each is one line."""
+    from vlp.checkpoint import CheckpointError
     from vlp.config import load_config
+    from vlp.data.pipeline import DataError
+    from vlp.data.sources import announce_pipe_commands
 
     cfg = load_config(args.recipe, args.overrides)
-    from vlp.train.loop import train
+    announce_pipe_commands(cfg.data.shards)
+    from vlp.train.loop import NonFiniteLossError, train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except CheckpointError as err:
+        return _user_error("train", err)
+    except (DataError, NonFiniteLossError) as err:
+        return _user_error("train", err, status=1)
     if result.stopped_by_signal is not None:
         return 128 + max(result.stopped_by_signal, 0)
     if result.report is not None:
@@ -42,9 +53,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
-def _user_error(command: str, err: Exception) -> int:
-    print(f"vlp {command}: error: {err}", file=sys.stderr)
-    return 2
+def _user_error(command: str, err: Exception, status: int = 2) -> int:
+    """One line on stderr, whatever the message holds."""
+    print(f"vlp {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return status
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -157,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(args.command, e)
 
 
 if __name__ == "__main__":

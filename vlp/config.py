@@ -9,6 +9,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,26 @@ from vlp.data.limits import SampleLimits
 
 class ConfigError(ValueError):
     """A recipe or override is wrong; the message names the key and what to change."""
+
+
+MAX_INT = 2**63 - 1
+"""Largest integer any field accepts (steps and counts live in int64 tensors and files)."""
+MAX_SEED = 2**32 - 1
+"""numpy, which `train.seed` also seeds, takes seeds in [0, 2**32)."""
+
+
+def check_number(key: str, value: float, lo: float = -math.inf, hi: float = math.inf, *,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise ConfigError naming `key` unless `value` is a finite number within [lo, hi]
+    (`lo_open`/`hi_open` exclude that end)."""
+    if not isinstance(value, int) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    too_low = value <= lo if lo_open else value < lo
+    too_high = value >= hi if hi_open else value > hi
+    if too_low or too_high:
+        left = "(" if lo_open or lo == -math.inf else "["
+        right = ")" if hi_open or hi == math.inf else "]"
+        raise ConfigError(f"{key} must be in {left}{lo}, {hi}{right}, got {value}")
 
 
 @dataclass
@@ -145,7 +166,8 @@ class DataConfig:
     shards: str | None = None
     """webdataset shard spec with brace expansion, e.g. `data/train-{000000..000127}.tar`;
     `::` joins the parts of a mixture (`a/{000..099}.tar::b/{0..9}.tar`). Local paths, URLs and
-    `pipe:` commands, as webdataset opens them."""
+    `pipe:` commands, as webdataset opens them: a `pipe:` spec runs a shell command (printed
+    when the run starts). Set on the command line, it replaces the recipe's source."""
     shard_weights: list[float] | None = None
     """Resampled mode: the share of each `::` part of `shards` in the stream (normalised),
     e.g. [3, 1]; None = every shard equally likely."""
@@ -241,12 +263,13 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 = no clipping)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        check_number("optim.lr", self.lr, 0, lo_open=True)
+        check_number("optim.weight_decay", self.weight_decay, 0)
+        check_number("optim.beta1", self.beta1, 0, 1, hi_open=True)
+        check_number("optim.beta2", self.beta2, 0, 1, hi_open=True)
+        check_number("optim.eps", self.eps, 0, lo_open=True)
+        check_number("optim.warmup_steps", self.warmup_steps, 0, MAX_INT)
+        check_number("optim.grad_clip", self.grad_clip, 0)
 
 
 @dataclass
@@ -266,14 +289,16 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metric logs."""
     trackers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
-    """Metric sinks: jsonl (metrics.jsonl in the run folder), tensorboard, wandb, ..."""
+    """Metric sinks: jsonl (metrics.jsonl in the run folder) or an accelerate tracker
+    (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio) whose
+    package is installed; checked before the run starts."""
     max_nonfinite_steps: int = 10
     """Stop (after saving the last good state) when this many steps in a row had a non-finite
     loss or gradient; such steps are skipped and counted."""
 
     def __post_init__(self) -> None:
-        if self.steps <= 0:
-            raise ConfigError(f"train.steps must be > 0, got {self.steps}")
+        check_number("train.steps", self.steps, 1, MAX_INT)
+        check_number("train.seed", self.seed, 0, MAX_SEED)
         if self.grad_accum <= 0:
             raise ConfigError(f"train.grad_accum must be > 0, got {self.grad_accum}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -285,6 +310,22 @@ class TrainConfig:
         if self.max_nonfinite_steps <= 0:
             raise ConfigError(
                 f"train.max_nonfinite_steps must be > 0, got {self.max_nonfinite_steps}")
+
+    def check_trackers(self) -> None:
+        """Each tracker is jsonl or an accelerate tracker whose package imports (accelerate
+        itself would silently drop a tracker whose package is missing)."""
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+        available = {str(t) for t in get_available_trackers()}
+        for i, name in enumerate(self.trackers):
+            if name != "jsonl" and name not in LOGGER_TYPE_TO_CLASS:
+                raise ConfigError(f"train.trackers[{i}]: unknown tracker {name!r}; known: "
+                                  f"jsonl, {', '.join(LOGGER_TYPE_TO_CLASS)}")
+            if name != "jsonl" and name not in available:
+                package = name.replace("_", "-")
+                raise ConfigError(
+                    f"train.trackers[{i}]: tracker {name!r} needs the {package!r} package, which "
+                    f"is not installed: pip install {package}, or drop it from train.trackers")
 
 
 @dataclass
@@ -366,6 +407,10 @@ class RunConfig:
         how_to_get = {"logit_bias": "set model.init_logit_bias (SigLIP: -10)",
                       "logits": "use a captioning (CoCa) model, e.g. model.name=vlp-tiny-coca"}
 
+        _check_folder("output_dir", self.output_dir)
+        if self.data.synth is not None:
+            _check_folder("data.cache_dir", self.data.cache_dir)
+        self.train.check_trackers()
         sources = [self.data.shards, self.data.hf, self.data.synth]
         if sum(source is not None for source in sources) != 1:
             raise ConfigError("set exactly one of data.shards (your shards), data.hf (a Hugging "
@@ -379,6 +424,7 @@ class RunConfig:
             raise ConfigError("objectives is empty: name at least one, e.g. [{name: clip}]")
         for i, spec in enumerate(self.objectives):
             key = f"objectives[{i}]"
+            check_number(f"{key}.weight", spec.weight, 0)
             if spec.name not in OBJECTIVES:
                 raise ConfigError(
                     f"{key}.name: unknown objective {spec.name!r}; known: {sorted(OBJECTIVES)}"
@@ -397,6 +443,9 @@ class RunConfig:
                     "neg_text): set data.num_negatives > 0 and use shards whose json has "
                     "'neg_captions'"
                 )
+        if not any(spec.weight > 0 for spec in self.objectives):
+            raise ConfigError("objectives: every weight is 0, so nothing would be trained; give "
+                              "at least one objective a weight > 0")
         if self.train.grad_cache:
             _check_grad_cache(self)
         if self.loss.backend not in BACKENDS and self.loss.backend != "auto":
@@ -428,6 +477,17 @@ def _check_grad_cache(cfg: RunConfig) -> None:
             )
 
 
+def _check_folder(key: str, folder: str) -> None:
+    """`folder` is a folder, or can become one (no file in the way)."""
+    path = Path(folder).expanduser()
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                what = "is" if where == path else f"has {where}, which is"
+                raise ConfigError(f"{key}: {folder} {what} a file, not a folder")
+            return
+
+
 def _check_shards_exist(spec: str) -> None:
     import braceexpand
 
@@ -437,29 +497,67 @@ def _check_shards_exist(spec: str) -> None:
                 continue
             if not Path(url).expanduser().exists():
                 raise ConfigError(f"data.shards: shard not found: {url}")
+            if Path(url).expanduser().is_dir():
+                raise ConfigError(f"data.shards: {url} is a folder, not a shard: name the shard "
+                                  f"files, e.g. '{url.rstrip('/')}/shard-{{000000..000009}}.tar'")
 
 
 # ---------------------------------------------------------------- loading and overriding
 
 
+DATA_SOURCES = ("shards", "hf", "synth")
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a recipe, apply `a.b=value` overrides (values parsed as YAML), build and validate."""
+    """Read a recipe, apply `a.b=value` overrides (values parsed as YAML), build and validate.
+
+    A data source set by an override (`data.shards=...`, `data.hf.path=...`, `data.synth...`)
+    replaces the recipe's: the recipe's other sources, and its `data.shard_weights` unless
+    that is overridden too, are dropped.
+    """
     raw: dict[str, Any] = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+        raw = _read_recipe(Path(recipe))
+    _drop_replaced_sources(raw, overrides)
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(RunConfig, raw, "")
     cfg.validate()
     return cfg
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}"
+                          "); save the recipe as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + problem
+
+
+def _drop_replaced_sources(raw: dict[str, Any], overrides: list[str]) -> None:
+    keys = [item.partition("=")[0] for item in overrides]
+    overridden = {name for name in DATA_SOURCES + ("shard_weights",)
+                  if any(k == f"data.{name}" or k.startswith(f"data.{name}.") for k in keys)}
+    data = raw.get("data")
+    if not overridden & set(DATA_SOURCES) or not isinstance(data, dict):
+        return
+    for name in DATA_SOURCES + ("shard_weights",):
+        if name not in overridden:
+            data.pop(name, None)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -473,7 +571,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part!r} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(value) if value else None
+    try:
+        node[leaf] = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: "
+                          f"{_yaml_problem(e)}") from None
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -516,6 +618,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key)
     if dataclasses.is_dataclass(tp):
+        if value is None:
+            raise ConfigError(f"{key} is null: give it a mapping, or leave it out for the "
+                              "defaults")
         return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
@@ -527,7 +632,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `2e-3` as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp is str and isinstance(value, bool):  # YAML 1.1 reads `no`/`yes` as booleans
@@ -536,6 +641,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    if tp is int and abs(value) > MAX_INT:
+        raise ConfigError(f"{key}: {value:.3g} is out of range (at most 2**63 - 1)")
     return value
 
 

@@ -30,10 +30,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.data.limits import DEFAULT_LIMITS, SampleLimits, read_caption, read_image
 from vlp.data.sources import HFSource, ShardSource, Stream
 from vlp.data.sources import expand_shards as expand_shards  # re-exported
+from vlp.data.tar_reader import DAMAGE, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training (e.g. no usable sample); its message is one line."""
+
+    def __str__(self) -> str:
+        # Raised in a DataLoader worker, it arrives re-raised with the worker's traceback in
+        # its message; the last line is the original message.
+        text = super().__str__().rstrip()
+        last = text.splitlines()[-1] if text else text
+        return last.removeprefix(f"{type(self).__module__}.{type(self).__qualname__}: ")
 
 
 @dataclass
@@ -50,8 +61,8 @@ class SkipCounter:
         log.warning("skipping sample%s: %s", where, reason)
 
 
-def pick_negatives(sample: dict[str, Any], num_negatives: int, rng: random.Random) -> list[str]:
-    """`num_negatives` of the sample's `neg_captions` (without replacement when there are enough)."""
+def hard_negatives(sample: dict[str, Any]) -> list[str]:
+    """The sample's usable hard-negative captions (the json's non-empty `neg_captions`)."""
     if "json" not in sample:
         raise ValueError("no json member (hard negatives live under 'neg_captions')")
     try:
@@ -61,6 +72,13 @@ def pick_negatives(sample: dict[str, Any], num_negatives: int, rng: random.Rando
     negatives = [n for n in negatives if isinstance(n, str) and n.strip()]
     if not negatives:
         raise ValueError("json has no 'neg_captions'")
+    return negatives
+
+
+def pick_negatives(sample: dict[str, Any], num_negatives: int, rng: random.Random) -> list[str]:
+    """`num_negatives` of the sample's `neg_captions` (without replacement when there are
+    enough, else some repeat)."""
+    negatives = hard_negatives(sample)
     if len(negatives) >= num_negatives:
         return rng.sample(negatives, num_negatives)
     return rng.choices(negatives, k=num_negatives)
@@ -76,7 +94,9 @@ def decode_sample(
     limits: SampleLimits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Raw tar members → image tensor and token ids; raises ValueError naming what is wrong
-    (including a caption or image over `limits`)."""
+    (including a caption or image over `limits`, and damage the tar reader found)."""
+    if DAMAGE in sample:
+        raise ValueError(sample[DAMAGE])
     image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
     if image_bytes is None:
         raise ValueError(f"no image member (looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -182,7 +202,7 @@ class ShardStream(IterableDataset):
             fast_forwarded = 0 <= index < skip_to
             empty_rounds = 0 if decoded_any or fast_forwarded else empty_rounds + 1
             if empty_rounds == MAX_EMPTY_ROUNDS:  # rather than spin for ever
-                raise RuntimeError(
+                raise DataError(
                     f"data: stream {stream.global_id} (rank {stream.rank}, worker {worker}) got "
                     f"no usable sample in {MAX_EMPTY_ROUNDS} rounds in a row (up to round "
                     f"{round_}) from {self.source.describe()}: {counter.skipped} skipped so "

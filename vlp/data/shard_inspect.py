@@ -1,8 +1,12 @@
 """`vlp shards inspect` and `vlp shards validate`: count, look at, and check shards.
 
-Validation applies the training pipeline's own rules (`decode_sample`: an image member PIL can
-decode, a non-empty UTF-8 caption, the per-sample limits) to every sample, and reports each
-corrupt member with its shard and key, plus tar data that cannot be read at all.
+Both read shards with the training reader (`vlp.data.tar_reader`), so their counts are the
+training run's. Validation applies the training pipeline's own rules (`decode_sample`: an
+image member PIL can decode, a non-empty UTF-8 caption, the per-sample limits) to every sample,
+and reports each corrupt sample once with its shard and key, plus tar data that cannot be read
+(key `?`). With `num_negatives`, a sample with fewer distinct hard negatives is reported too
+(training would repeat some of them). A missing shard file or a folder is an error, not a
+corrupt sample.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from PIL import Image
 
-from vlp.data.pipeline import IMAGE_EXTENSIONS, decode_sample
+from vlp.data.pipeline import IMAGE_EXTENSIONS, decode_sample, hard_negatives
 from vlp.data.sources import expand_shards
+from vlp.data.tar_reader import DAMAGE, read_shard
 
 
 @dataclass
@@ -29,12 +34,33 @@ class ShardReport:
     problems: list[dict[str, str]] = field(default_factory=list)
 
 
+def shard_urls(spec: str) -> list[str]:
+    """The shards of a spec; ValueError/FileNotFoundError if a local one is missing or a
+    folder."""
+    urls = expand_shards(spec)
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        path = Path(url).expanduser()
+        if path.is_dir():
+            raise ValueError(f"{url} is a folder, not a shard: give shard files, e.g. "
+                             f"'{url.rstrip('/')}/shard-{{000000..000009}}.tar'")
+        if not path.exists():
+            raise FileNotFoundError(f"no such shard: {url}")
+    return urls
+
+
 def _samples(url: str, report: ShardReport) -> Iterator[dict[str, Any]]:
+    """The shard's samples; unreadable data goes to `report.problems` instead."""
     def on_error(exn: Exception) -> bool:
-        report.problems.append({"key": "?", "reason": f"unreadable tar data: {exn}"})
+        report.problems.append({"key": "?", "reason": str(exn)})
         return True
 
-    yield from wds.tarfile_to_samples(handler=on_error)(iter([{"url": url}]))
+    for sample in read_shard(url, on_error):
+        if sample["__key__"] == "?" and DAMAGE in sample:
+            report.problems.append({"key": "?", "reason": sample[DAMAGE]})
+            continue
+        yield sample
 
 
 def _summary(sample: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +90,7 @@ def _summary(sample: dict[str, Any]) -> dict[str, Any]:
 def inspect_shards(spec: str, *, show: int = 3) -> dict[str, Any]:
     """Samples per shard, member types, and the first `show` samples."""
     shards, shown = [], []
-    for url in expand_shards(spec):
+    for url in shard_urls(spec):
         report = ShardReport(url)
         for sample in _samples(url, report):
             report.samples += 1
@@ -93,12 +119,16 @@ def _keep_caption(captions: list[str]) -> list[str]:
 def validate_shards(spec: str, *, num_negatives: int = 0) -> dict[str, Any]:
     """Every sample checked with the training pipeline's rules; corrupt members listed."""
     shards = []
-    for url in expand_shards(spec):
+    for url in shard_urls(spec):
         report = ShardReport(url)
         for sample in _samples(url, report):
             report.samples += 1
             try:
                 decode_sample(sample, _identity, _keep_caption, num_negatives=num_negatives)
+                found = len(set(hard_negatives(sample))) if num_negatives else num_negatives
+                if found < num_negatives:
+                    raise ValueError(f"{found} distinct hard negatives, fewer than "
+                                     f"{num_negatives} (training would repeat some)")
             except ValueError as e:
                 report.problems.append({"key": sample.get("__key__", "?"), "reason": str(e)})
         shards.append(report)

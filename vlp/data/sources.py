@@ -17,13 +17,17 @@ never waits on a rank that ran dry.
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from vlp.data.tar_reader import read_shard
 
 MODES = ("resampled", "epoch")
 SHARDS_PER_ROUND = 8
@@ -51,6 +55,22 @@ class Stream:
 def expand_shards(spec: str) -> list[str]:
     """`a/{000..009}.tar::b/x.tar` → the list of shard URLs (brace expansion, `::` joins)."""
     return wds.shardlists.expand_urls(spec)
+
+
+def pipe_commands(spec: str | None) -> list[str]:
+    """The shell commands a shard spec runs: its `pipe:` parts, before brace expansion."""
+    return [part.removeprefix("pipe:") for part in (spec or "").split("::")
+            if part.startswith("pipe:")]
+
+
+def announce_pipe_commands(spec: str | None) -> None:
+    """Print, once per run (global rank 0) and before it starts, each shell command that
+    `pipe:` shards run: a recipe's `pipe:` spec executes whatever it names."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for command in pipe_commands(spec):
+        print(f"data.shards: reading shards through the shell command: {command}",
+              file=sys.stderr)
 
 
 def split_spec(spec: str) -> list[list[str]]:
@@ -109,9 +129,9 @@ class ShardSource:
 
     def samples(self, round_: int, stream: Stream,
                 on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-        urls = ({"url": url} for url in self.shards(round_, stream))
-        samples = wds.tarfile_to_samples(handler=on_error)(urls)
-        return shuffle_buffer(iter(samples), self.shuffle_buffer,
+        samples = (sample for url in self.shards(round_, stream)
+                   for sample in read_shard(url, on_error))
+        return shuffle_buffer(samples, self.shuffle_buffer,
                               f"{self.seed}/shuffle/{stream.global_id}/{round_}")
 
     def describe(self) -> str:

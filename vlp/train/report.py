@@ -37,17 +37,32 @@ def write_report(
 
     records = read_metrics(run_dir / "metrics.jsonl")
     lines = ["# vlp run report", "", f"Run folder: `{run_dir}`", ""]
+    training: dict[str, int] = {}
     if records:
         first, last = records[0], records[-1]
+        training = {k: last[k] for k in ("step", "samples_seen", "skipped_samples") if k in last}
         lines += [f"Trained {last['step']} steps, {last.get('samples_seen', '?')} samples; "
-                  f"loss {first['loss']:.3f} (step {first['step']}) → {last['loss']:.3f}.", ""]
-    lines += ["## Zero-shot classification", "", "| set | acc1 | acc5 | mean_per_class_recall |",
-              "|---|---|---|---|"]
+                  f"loss {first['loss']:.3f} (step {first['step']}) → {last['loss']:.3f}.", "",
+                  f"Skipped {last.get('skipped_samples', '?')} unusable training samples "
+                  "(each is logged with its shard and key; `vlp shards validate` lists them).",
+                  ""]
+    lines += ["## Zero-shot classification", ""]
+    if results:
+        lines += ["Sets: " + ", ".join(f"`{name}` ({root})" for name, root in
+                                        zeroshot_sets.items()), "",
+                  "| set | acc1 | acc5 | mean_per_class_recall |", "|---|---|---|---|"]
+    else:
+        lines += ["No zero-shot set was evaluated: this run trained on your own data and "
+                  "`eval.zeroshot` is not set. Add one with `eval.zeroshot=FOLDER` (a "
+                  "CLIP_benchmark-layout folder: classnames.txt, "
+                  "zeroshot_classification_templates.txt, test/*.tar), or run a suite with "
+                  "`eval.suite=...` or `vlp eval --checkpoint RUN_FOLDER`."]
     for name, m in results.items():
         lines.append(f"| {name} | {m['acc1']:.4f} | {m['acc5']:.4f} | "
                      f"{m['mean_per_class_recall']:.4f} |")
     lines += ["", "![loss curve](loss_curve.png)", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    # one entry per zero-shot set, plus `train`: step, samples_seen, skipped_samples
+    (run_dir / "results.json").write_text(json.dumps({**results, "train": training}, indent=1))
     return report
