@@ -104,13 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval", help="evaluate a checkpoint: vlp eval --checkpoint CKPT [--suite S.yaml | --task T "
-        "--data PATH]", description="Run an eval suite (default eval/suites/shapesworld.yaml) or "
+        "--data PATH]", description="Run an eval suite (default: the shipped shapesworld suite) or "
         "one benchmark on a vlp checkpoint folder or an open_clip model; writes one JSON per "
         "benchmark, results.json and report.md (with plots) under --out.")
     evaluate.add_argument("--checkpoint", required=True,
                           help="vlp checkpoint folder, or open_clip:MODEL[:WEIGHTS_FILE]")
     what = evaluate.add_mutually_exclusive_group()
-    what.add_argument("--suite", help="suite YAML (default: eval/suites/shapesworld.yaml)")
+    what.add_argument("--suite", help="suite YAML, or a shipped suite's name: "
+                      f"{', '.join(resources.suites())} (default: shapesworld)")
     what.add_argument("--task", help="run one benchmark of this task (zeroshot, retrieval, "
                       "sugarcrepe, aro, order, gap) on --data")
     evaluate.add_argument("--data", help="data root for --task")
