@@ -19,9 +19,10 @@ _CHECKOUT = _INSTALLED.parents[1]
 
 def resource_dir(name: str) -> Path:
     """The shipped folder `name` (`eval` or `recipes`), wherever this vlp was installed from."""
-    for root in (_INSTALLED, _CHECKOUT):
-        if (root / name).is_dir():
-            return root / name
+    if (_INSTALLED / name).is_dir():
+        return _INSTALLED / name
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / name).is_dir():
+        return _CHECKOUT / name
     raise FileNotFoundError(f"vlp's {name}/ folder is missing from {_INSTALLED} and "
                             f"{_CHECKOUT}: reinstall vlp")
 
