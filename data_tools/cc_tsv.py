@@ -6,7 +6,7 @@ The TSVs have no header: CC3M `Train_GCC-training.tsv` is `caption<TAB>url`, CC1
 them, `--name-by row`) or by the SHA-1 of the URL (`--name-by sha1`). Rows without an image are
 counted and skipped (links die).
 
-    python -m data_tools.cc_tsv --tsv Train_GCC-training.tsv --layout cc3m \\
+    vlp data cc --tsv Train_GCC-training.tsv --layout cc3m \\
         --images /data/cc3m/images --out /data/cc3m/shards
 """
 
@@ -58,8 +58,9 @@ def records_from_tsv(tsv: str | Path, images: str | Path, *, layout: str,
     return records, missing
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str], prog: str) -> int:
+    """The command line (`vlp data NAME ...`); see `data_tools.run`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--tsv", required=True)
     parser.add_argument("--layout", choices=tuple(LAYOUTS), required=True)
     parser.add_argument("--images", required=True, help="folder of downloaded images")
@@ -77,6 +78,3 @@ def main(argv: list[str] | None = None) -> int:
                       "rows_without_image": missing, "spec": stats["spec"]}, indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

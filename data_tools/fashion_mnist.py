@@ -6,7 +6,7 @@ CLIP_benchmark webdataset layout that `vlp eval --task zeroshot` reads: `classna
 `zeroshot_classification_templates.txt`, `test/{0..N-1}.tar` (KEY.png 28x28 greyscale saved as
 RGB, KEY.cls) and `test/nshards.txt`; `--split train` writes the 60k training images instead.
 
-    python -m data_tools.fashion_mnist --out /data/wds_fashion_mnist
+    vlp data fashion-mnist --out /data/wds_fashion_mnist
     vlp eval --checkpoint RUN --task zeroshot --data /data/wds_fashion_mnist
 """
 
@@ -77,8 +77,9 @@ def convert(out: str | Path, *, source: str | Path = DEBIAN_DIR, split: str = "t
             "per_class": np.bincount(labels, minlength=len(CLASSNAMES)).tolist()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str], prog: str) -> int:
+    """The command line (`vlp data NAME ...`); see `data_tools.run`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--source", default=str(DEBIAN_DIR), help="folder of the IDX .gz files")
     parser.add_argument("--split", choices=tuple(_PREFIX), default="test")
@@ -89,6 +90,3 @@ def main(argv: list[str] | None = None) -> int:
                              num_shards=args.num_shards, limit=args.limit), indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

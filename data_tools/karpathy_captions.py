@@ -5,7 +5,7 @@ Input: the Karpathy split file (`dataset_coco.json` or `dataset_flickr30k.json`:
 train2014|val2014) and the folder holding the images (COCO: the folder with `train2014/` and
 `val2014/`; Flickr30k: `flickr30k-images/`).
 
-    python -m data_tools.karpathy_captions --karpathy dataset_coco.json --images /data/coco \\
+    vlp data karpathy --karpathy dataset_coco.json --images /data/coco \\
         --out /data/coco-vlp [--train-splits train,restval] [--pairs all|first]
 
 Writes `OUT/train/shard-*.tar` (+ stats.json; one sample per image–caption pair with
@@ -19,8 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from data_tools.common import write_retrieval
 from vlp.data.shards_build import Record, write_shards
+from data_tools.common import write_retrieval
 
 
 def read_karpathy(path: str | Path) -> list[dict]:
@@ -61,8 +61,9 @@ def convert(karpathy: str | Path, images: str | Path, out: str | Path, *,
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str], prog: str) -> int:
+    """The command line (`vlp data NAME ...`); see `data_tools.run`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--karpathy", required=True, help="dataset_coco.json / dataset_flickr30k.json")
     parser.add_argument("--images", required=True, help="image root")
     parser.add_argument("--out", required=True)
@@ -77,6 +78,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,7 @@ image is looked up in `--images` by the row's `key` (img2dataset), else `uid` (D
 file stem; rows with `status` other than `success`, or without an image, are skipped and
 counted. The other columns go into each sample's json.
 
-    python -m data_tools.laion_parquet --parquet 'meta/*.parquet' --images /data/laion/files \\
+    vlp data laion-parquet --parquet 'meta/*.parquet' --images /data/laion/files \\
         --out /data/laion/shards
 """
 
@@ -18,8 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from data_tools.cc_tsv import image_index
 from vlp.data.shards_build import Record, write_shards
+from data_tools.cc_tsv import image_index
 
 TEXT_COLUMNS = ("TEXT", "text", "caption")
 URL_COLUMNS = ("URL", "url")
@@ -69,8 +69,9 @@ def records_from_parquet(pattern: str, images: str | Path) -> tuple[list[Record]
     return records, counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str], prog: str) -> int:
+    """The command line (`vlp data NAME ...`); see `data_tools.run`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--parquet", required=True, help="a parquet file or a glob pattern")
     parser.add_argument("--images", required=True, help="folder of downloaded images")
     parser.add_argument("--out", required=True)
@@ -85,6 +86,3 @@ def main(argv: list[str] | None = None) -> int:
                      indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,15 @@
-"""`vlp train | eval | export | embed | shards synth|build|negatives|inspect|validate` — the
-command line."""
+"""`vlp train | eval | export | embed | shards synth|build|negatives|inspect|validate | data` —
+the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from vlp import __version__, resources
 from vlp.config import ConfigError
 from vlp.data.command import add_shards_commands
+from data_tools import CONVERTERS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -18,7 +20,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlp.data.pipeline import DataError
     from vlp.data.sources import announce_pipe_commands
 
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(resources.find_recipe(args.recipe), args.overrides)
     announce_pipe_commands(cfg.data.shards)
     from vlp.train.loop import NonFiniteLossError, train
 
@@ -51,6 +53,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlp.eval.command import run_eval_command
 
     return run_eval_command(args)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from data_tools import run
+
+    return run(args.converter, args.converter_args)
 
 
 def _user_error(command: str, err: Exception, status: int = 2) -> int:
@@ -92,22 +100,30 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train from a recipe: vlp train RECIPE.yaml [a.b=value ...]")
-    train.add_argument("recipe", help="YAML recipe (see recipes/)")
+    train = sub.add_parser(
+        "train", help="train from a recipe: vlp train RECIPE [a.b=value ...]",
+        description="Train from a recipe: a YAML file, or the name of a recipe vlp ships.\n"
+        "Every key is a typed field of vlp/config.py (RunConfig and its sections, each\n"
+        "documented there; the README's Recipes section shows them together), and any key can\n"
+        "be overridden on the command line as section.key=value.",
+        epilog=_shipped_recipes(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("recipe", help="recipe file, or a shipped recipe's name (listed below)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(
         "eval", help="evaluate a checkpoint: vlp eval --checkpoint CKPT [--suite S.yaml | --task T "
-        "--data PATH]", description="Run an eval suite (default eval/suites/shapesworld.yaml) or "
+        "--data PATH]", description="Run an eval suite (default: the shipped shapesworld suite) or "
         "one benchmark on a vlp checkpoint folder or an open_clip model; writes one JSON per "
         "benchmark, results.json and report.md (with plots) under --out.")
     evaluate.add_argument("--checkpoint", required=True,
                           help="vlp checkpoint folder, or open_clip:MODEL[:WEIGHTS_FILE]")
     what = evaluate.add_mutually_exclusive_group()
-    what.add_argument("--suite", help="suite YAML (default: eval/suites/shapesworld.yaml)")
+    what.add_argument("--suite", help="suite YAML, or a shipped suite's name: "
+                      f"{', '.join(resources.suites())} (default: shapesworld)")
     what.add_argument("--task", help="run one benchmark of this task (zeroshot, retrieval, "
                       "sugarcrepe, aro, order, gap) on --data")
     evaluate.add_argument("--data", help="data root for --task")
@@ -161,11 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--samples-per-shard", type=int, default=5_000)
     synth.set_defaults(func=cmd_shards_synth)
     add_shards_commands(shards_sub)  # build, negatives, inspect, validate
+
+    data = sub.add_parser(
+        "data", help="convert a public dataset you have on disk: vlp data NAME --out DIR ...",
+        description="Convert a public dataset already on disk to training shards or a "
+        "benchmark set; `vlp data NAME --help` shows a converter's options.")
+    converters = data.add_subparsers(dest="converter", required=True, metavar="NAME")
+    for name, (_, summary) in CONVERTERS.items():
+        # the converter parses its own options (imported only to run), so no --help here
+        converters.add_parser(name, help=summary, add_help=False)
+    data.set_defaults(func=cmd_data)
     return parser
 
 
+def _shipped_recipes() -> str:
+    shipped = resources.recipes()
+    width = max(map(len, shipped), default=0)
+    lines = [f"  {name:<{width}}  {resources.summary(path)}" for name, path in shipped.items()]
+    return "shipped recipes (vlp train NAME):\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "data":
+        args.converter_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:

@@ -1,4 +1,4 @@
-"""data_tools converters on small hand-made files in each dataset's real format."""
+"""The `vlp data` converters (data_tools) on small hand-made files in each dataset's real format."""
 
 import hashlib
 import json
@@ -11,6 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from vlp.cli import main as vlp_main
 from data_tools import cc_tsv, fashion_mnist, karpathy_captions, laion_parquet
 from vlp.eval.benchmark_data import iter_batches, read_benchmark
 
@@ -75,9 +76,9 @@ def test_cc3m_and_cc12m_tsv_with_downloaded_images(tmp_path):
                                                    name_by=name_by)
         assert missing == 1 and [r.caption for r in records] == captions[:3]
         assert [r.source for r in records] == urls[:3]
-    assert cc_tsv.main(["--tsv", str(tmp_path / "cc3m.tsv"), "--layout", "cc3m", "--images",
-                        str(tmp_path / "by_row"), "--out", str(tmp_path / "out"),
-                        "--workers", "1"]) == 0
+    assert vlp_main(["data", "cc", "--tsv", str(tmp_path / "cc3m.tsv"), "--layout", "cc3m",
+                     "--images", str(tmp_path / "by_row"), "--out", str(tmp_path / "out"),
+                     "--workers", "1"]) == 0
     assert captions_in(str(tmp_path / "out" / "shard-000000.tar")) == captions[:3]
     (tmp_path / "bad.tsv").write_text("only one field\n")
     with pytest.raises(ValueError, match="bad.tsv:1: expected 2 tab-separated fields"):
@@ -100,9 +101,9 @@ def test_laion_parquet_with_img2dataset_images(tmp_path):
     assert counts == {"rows": 4, "not_downloaded": 1, "no_image_file": 1}
     assert [r.caption for r in records] == ["red bus", "green tree"]
     assert records[0].extra["similarity"] == pytest.approx(0.31)
-    assert laion_parquet.main(["--parquet", str(tmp_path / "part-0.parquet"), "--images",
-                               str(tmp_path / "files"), "--out", str(tmp_path / "out"),
-                               "--workers", "1"]) == 0
+    assert vlp_main(["data", "laion-parquet", "--parquet", str(tmp_path / "part-0.parquet"),
+                     "--images", str(tmp_path / "files"), "--out", str(tmp_path / "out"),
+                     "--workers", "1"]) == 0
     (sample, _) = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"),
                                       shardshuffle=False, empty_check=False))
     assert json.loads(sample["json"])["URL"] == "http://x/0.jpg"

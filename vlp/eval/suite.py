@@ -34,10 +34,11 @@ from typing import Any
 
 import yaml
 
+from vlp import resources
 from vlp.eval.references import Reference, check_keys, load_reference
 from vlp.eval.tasks import build_options, get_task
 
-SUITES_DIR = Path(__file__).resolve().parents[2] / "eval" / "suites"
+SUITES_DIR = resources.eval_dir() / "suites"
 DEFAULT_SUITE = SUITES_DIR / "shapesworld.yaml"
 """The suite `vlp eval` runs when given neither `--suite` nor `--task`."""
 SHAPESWORLD = "shapesworld"
@@ -84,16 +85,18 @@ def load_suite(
     only: Sequence[str] | None = None,
     progress: bool = True,
 ) -> Suite:
-    """Read, check and resolve a suite file.
+    """Read, check and resolve a suite file, given by path or by a shipped suite's name
+    (`standard`, see `vlp.resources.suites`).
 
     `overrides` are dotted `key=value` edits applied before checking (`batch_size=32`,
     `shapesworld.params.num_eval=200`, `benchmarks.order.options.seed=1`); `paths` fills
     placeholders; `only` keeps the named benchmarks. ShapesWorld is generated (or found in its
     cache) only after everything else has been checked.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"suite file {path} not found (suites live in {SUITES_DIR})")
+    try:
+        path = resources.find_suite(path)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
