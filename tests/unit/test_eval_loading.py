@@ -145,3 +145,14 @@ def test_a_run_folder_loads_its_latest_checkpoint(tiny):
     loaded = load_model(str(folder.parent))
 
     assert loaded.name == str(folder)
+
+
+def test_a_random_open_clip_coca_has_no_uninitialised_weights():
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # torch.empty returns NaN
+    try:
+        model = load_model("open_clip:vlp-tiny-coca:random").model
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

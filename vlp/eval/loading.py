@@ -90,7 +90,7 @@ def load_open_clip_model(spec: str) -> LoadedModel:
     if not name:
         raise ValueError(f"--checkpoint: expected {OPEN_CLIP_PREFIX}MODEL:WEIGHTS, got "
                          f"{OPEN_CLIP_PREFIX}{spec}")
-    from vlp.models import model_config
+    from vlp.models import init_caption_decoder, model_config
 
     model_config(name)  # registers vlp's own configs; raises a clear error for unknown names
     if not weights:
@@ -106,4 +106,6 @@ def load_open_clip_model(spec: str) -> LoadedModel:
             "file, e.g. open_clip_pytorch_model.bin or open_clip_model.safetensors)"
         )
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights or None)
+    if not weights:
+        init_caption_decoder(model)  # a random CoCa's decoder projection is otherwise torch.empty
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, weights or None)
