@@ -38,15 +38,17 @@ class ExportError(ValueError):
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, *, format: str, overwrite: bool = False
+    checkpoint: str | Path, out: str | Path, *, format: str, overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
-    """Write the model of `checkpoint` (or a run folder's latest) to folder `out` in `format`."""
+    """Write the model of `checkpoint` (or a run folder's latest) to folder `out` in `format`,
+    once its files match its manifest (unless `verify` is False)."""
     if format not in FORMATS:
         raise ExportError(f"--format: unknown {format!r}; known: {', '.join(FORMATS)}")
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-    loaded = open_checkpoint(checkpoint)
+    loaded = open_checkpoint(checkpoint, verify=verify)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
