@@ -20,9 +20,14 @@ Writing goes to `step-N.tmp/` and is renamed into place only when complete; the 
 processes, every rank writes its own RNG file into the staging folder (a filesystem all ranks
 share) before the main process completes and renames it. Weights and optimizer state are
 gathered unsharded and keyed by parameter name (torch's distributed state-dict API), so the
-same files serve plain, DDP and FSDP runs. Resuming verifies the manifest first,
-so a truncated or altered file is found before anything is loaded; pruning keeps the newest
-`keep_last` checkpoints and every milestone.
+same files serve plain, DDP and FSDP runs. Files are written with the mode any new file gets
+under the umask (safetensors alone writes 0600, unreadable to others on a shared filesystem).
+
+Every load checks the manifest first, so a truncated or altered file is found before anything
+is read: resuming checks every file, `vlp.load`, `vlp eval`, `vlp export` and `model.pretrained`
+the model's files (`verify_checkpoint(model_only=True)`: all but the optimizer, trainer state
+and RNG files, which they do not read). A manifest that is not what `write_manifest` writes is a
+broken checkpoint too. Pruning keeps the newest `keep_last` checkpoints and every milestone.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import json
 import os
 import random
 import shutil
+import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,8 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
 REQUIRED_FILES = (MODEL_WEIGHTS, OPTIMIZER, TRAINER_STATE, MODEL_CONFIG)
+MODEL_FILES = (MODEL_WEIGHTS, MODEL_CONFIG)
+"""What the manifest of a checkpoint loaded for its model alone must list."""
 
 
 class CheckpointError(ValueError):
@@ -64,6 +73,41 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (`os.umask` can only read by setting, which
+    would race with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as status:  # Linux
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    probe = Path(tempfile.gettempdir()) / f"vlp-umask-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777)  # the kernel applies it
+    try:
+        return 0o777 & ~os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def give_default_mode(*paths: str | Path) -> None:
+    """chmod `paths` to what a new file gets (0o666 less the umask): writers that create
+    files 0600 (safetensors' `save_file`) would hide them from the rest of a shared cluster."""
+    mode = 0o666 & ~_umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' `save_file`, with the file mode every other new file gets."""
+    save_file(tensors, path, metadata=metadata)
+    give_default_mode(path)
 
 
 def full_state_dicts(
@@ -164,7 +208,7 @@ def start_checkpoint(run_dir: str | Path, step: int) -> Path:
 def save_rng_state(staging: Path, *, rank: int) -> None:
     """Write this rank's RNG states into the staging folder (every rank, after `start_checkpoint`)."""
     tensors, metadata = rng_states()
-    save_file(tensors, staging / rng_file(rank), metadata=metadata)
+    save_tensors(tensors, staging / rng_file(rank), metadata=metadata)
 
 
 def _sha256(path: Path) -> str:
@@ -184,28 +228,68 @@ def write_manifest(folder: Path, *, step: int, milestone: bool) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def verify_checkpoint(ckpt: str | Path) -> None:
+def is_training_state(name: str) -> bool:
+    """Whether manifest entry `name` is read only to resume training (optimizer, trainer state,
+    RNG), not to use the model."""
+    return name in (OPTIMIZER, TRAINER_STATE) or (name.startswith("rng.rank")
+                                                  and name.endswith(".safetensors"))
+
+
+def read_manifest(ckpt: Path) -> dict[str, tuple[int, str]]:
+    """`{relative name: (bytes, sha256)}` from `ckpt/manifest.json`; anything else than what
+    `write_manifest` writes (a list, a string entry, a missing key, a name outside the folder)
+    raises `CheckpointError` naming the file."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path} (without it the checkpoint's "
+                              "files cannot be checked)")
+    manifest = read_json(path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: malformed, expected an object with a 'files' table")
+    entries = {}
+    for name, entry in files.items():
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if type(size) is not int or not isinstance(digest, str):
+            raise CheckpointError(f"{path}: malformed entry for {name!r}, expected "
+                                  "{'bytes': N, 'sha256': HEX}")
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{path}: names a file outside the checkpoint: {name}")
+        entries[name] = (size, digest)
+    return entries
+
+
+def verify_checkpoint(ckpt: str | Path, *, model_only: bool = False) -> None:
     """Raise `CheckpointError` naming the first file that is missing, truncated or altered
-    since the checkpoint was written (checked against its manifest)."""
+    since the checkpoint was written (checked against its manifest).
+
+    `model_only` checks what loading the model reads (all but `is_training_state` files), and
+    also refuses such a file that the manifest does not list. Hashing streams each file in
+    1 MiB blocks; it costs about as much as reading the file (see README, Checkpoints).
+    """
     ckpt = Path(ckpt)
-    manifest = read_json(ckpt / MANIFEST)
-    try:
-        files = manifest["files"]
-        missing = [name for name in REQUIRED_FILES if name not in files]
-    except (TypeError, KeyError):
-        raise CheckpointError(f"{ckpt / MANIFEST}: no 'files' table") from None
+    files = read_manifest(ckpt)
+    required = MODEL_FILES if model_only else REQUIRED_FILES
+    missing = [name for name in required if name not in files]
     if missing:
         raise CheckpointError(f"{ckpt / MANIFEST}: does not list {', '.join(missing)}")
-    for name, expected in files.items():
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"{ckpt / MANIFEST}: names a file outside the checkpoint: {name}")
+    if model_only:
+        files = {name: entry for name, entry in files.items() if not is_training_state(name)}
+        for path in sorted(ckpt.rglob("*")):
+            name = path.relative_to(ckpt).as_posix()
+            if path.is_file() and name != MANIFEST and not is_training_state(name) \
+                    and name not in files:
+                raise CheckpointError(f"{path}: not listed in {ckpt / MANIFEST} (added after "
+                                      "the checkpoint was written)")
+    for name, (size, digest) in files.items():
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint file missing: {path}")
-        if path.stat().st_size != expected["bytes"]:
+        if path.stat().st_size != size:
             raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says "
-                                  f"{expected['bytes']} (truncated or replaced)")
-        if _sha256(path) != expected["sha256"]:
+                                  f"{size} (truncated or replaced)")
+        if _sha256(path) != digest:
             raise CheckpointError(f"{path}: sha256 differs from the manifest (altered or corrupt)")
 
 
@@ -265,9 +349,9 @@ def save_checkpoint(
     if isinstance(model, torch.nn.Module):
         model, optimizer = full_state_dicts(model, optimizer)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.items()}
-    save_file(weights, tmp / MODEL_WEIGHTS, metadata={"format": "pt", "step": str(step)})
+    save_tensors(weights, tmp / MODEL_WEIGHTS, metadata={"format": "pt", "step": str(step)})
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer)
-    save_file(opt_tensors, tmp / OPTIMIZER)
+    save_tensors(opt_tensors, tmp / OPTIMIZER)
     state = {"step": step, "optimizer": opt_meta, **trainer_state}
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     (tmp / MODEL_CONFIG).write_text(json.dumps(model_info, indent=1))
@@ -289,26 +373,35 @@ def save_checkpoint(
     return final
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """`step-N`: a checkpoint folder's own name (no separators, so always inside its run)."""
+    return name.startswith(PREFIX) and name[len(PREFIX):].isdigit()
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in `run_dir`, oldest first."""
+    """Complete checkpoints in `run_dir`, oldest first (folders, not links to elsewhere)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     return sorted(
         p for p in run_dir.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+        if is_checkpoint_name(p.name) and p.is_dir() and not p.is_symlink()
     )
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint the `latest` pointer names, else the newest complete one, else None."""
+    """The checkpoint the `latest` pointer names, else the newest complete one, else None.
+    A pointer to anything but a `step-N` folder of `run_dir` raises `CheckpointError`."""
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST
-    if pointer.is_file():
-        candidate = run_dir / pointer.read_text().strip()
-        if candidate.is_dir():
-            return candidate
     found = list_checkpoints(run_dir)
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not is_checkpoint_name(name):
+            raise CheckpointError(f"{pointer}: names {name!r}, not a {PREFIX}N checkpoint "
+                                  "folder of this run")
+        if run_dir / name in found:
+            return run_dir / name
     return found[-1] if found else None
 
 

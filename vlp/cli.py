@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one benchmark on a vlp checkpoint folder or an open_clip model; writes one JSON per "
         "benchmark, results.json and report.md (with plots) under --out.")
     evaluate.add_argument("--checkpoint", required=True,
-                          help="vlp checkpoint folder, or open_clip:MODEL[:WEIGHTS_FILE]")
+                          help="vlp checkpoint or run folder, or open_clip:MODEL:WEIGHTS_FILE "
+                          "(open_clip:MODEL:random for a randomly initialised model)")
     what = evaluate.add_mutually_exclusive_group()
     what.add_argument("--suite", help="suite YAML, or a shipped suite's name: "
                       f"{', '.join(resources.suites())} (default: shapesworld)")
@@ -206,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except Exception as e:
+        from vlp.checkpoint import CheckpointError  # e.g. a tampered model.pretrained checkpoint
+
+        if not isinstance(e, (ConfigError, CheckpointError, FileNotFoundError)):
+            raise
         return _user_error(args.command, e)
 
 

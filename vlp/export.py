@@ -5,8 +5,9 @@
     vlp export --checkpoint runs/x --format hf --out DIR
         transformers.CLIPModel.from_pretrained(DIR), CLIPProcessor.from_pretrained(DIR)
 
-Both read only the checkpoint (`vlp.models.loading`) and write to `DIR.tmp` first, renamed into
-place when complete. The transformers export needs an architecture that is a `CLIPModel`
+Both read only the checkpoint (`vlp.models.loading`, after checking it against its manifest)
+and write to `DIR.tmp` first, renamed into place when complete, with the file mode the umask
+gives new files. The transformers export needs an architecture that is a `CLIPModel`
 (`vlp.models.hf_clip.incompatibilities` says why not otherwise); its tokenizer files are
 written from open_clip's bundled BPE vocabulary, so nothing is downloaded.
 """
@@ -19,8 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
+from vlp.checkpoint import give_default_mode, save_tensors
 from vlp.models.hf_clip import clip_config, incompatibilities, to_hf_state_dict
 from vlp.models.hf_text import open_clip_knows, read_hf_config, tokenizer_files
 from vlp.models.loading import LoadedCheckpoint, open_checkpoint
@@ -38,15 +38,17 @@ class ExportError(ValueError):
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, *, format: str, overwrite: bool = False
+    checkpoint: str | Path, out: str | Path, *, format: str, overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
-    """Write the model of `checkpoint` (or a run folder's latest) to folder `out` in `format`."""
+    """Write the model of `checkpoint` (or a run folder's latest) to folder `out` in `format`,
+    once its files match its manifest (unless `verify` is False)."""
     if format not in FORMATS:
         raise ExportError(f"--format: unknown {format!r}; known: {', '.join(FORMATS)}")
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-    loaded = open_checkpoint(checkpoint)
+    loaded = open_checkpoint(checkpoint, verify=verify)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -93,7 +95,7 @@ def export_open_clip(loaded: LoadedCheckpoint, folder: Path, *, final: Path) -> 
     text_cfg["context_length"] = spec.text["context_length"]
     config = {"model_cfg": model_cfg, "preprocess_cfg": spec.preprocess_cfg}
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
-    save_file(_weights(loaded), folder / OPEN_CLIP_WEIGHTS, metadata={"format": "pt"})
+    save_tensors(_weights(loaded), folder / OPEN_CLIP_WEIGHTS, metadata={"format": "pt"})
 
 
 def check_hf_exportable(loaded: LoadedCheckpoint) -> None:
@@ -129,6 +131,7 @@ def export_hf(loaded: LoadedCheckpoint, folder: Path, *, final: Path) -> None:
     model.save_pretrained(folder)
     build_clip_processor(spec.preprocess_cfg, context_length=spec.text["context_length"]) \
         .save_pretrained(folder)
+    give_default_mode(*(p for p in folder.rglob("*") if p.is_file()))  # safetensors wrote 0600
 
 
 def build_clip_processor(preprocess_cfg: dict[str, Any], *, context_length: int) -> Any:

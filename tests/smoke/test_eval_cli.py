@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vlp.checkpoint import write_manifest
 from vlp.cli import main
 from vlp.models import build_model, model_config
 
@@ -37,7 +38,7 @@ def vlp(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """What training writes, minus the optimizer: weights and model_config.json."""
+    """What training writes, minus the optimizer: weights, model_config.json, manifest.json."""
     torch.manual_seed(0)
     model = build_model("vlp-tiny").model
     folder = tmp_path_factory.mktemp("run") / "step-000000000"
@@ -46,6 +47,7 @@ def checkpoint(tmp_path_factory) -> Path:
               folder / "model.safetensors")
     (folder / "model_config.json").write_text(json.dumps(
         {"name": "vlp-tiny", "model_cfg": model_config("vlp-tiny"), "model_kwargs": {}}))
+    write_manifest(folder, step=0, milestone=False)
     return folder
 
 

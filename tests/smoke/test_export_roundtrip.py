@@ -202,3 +202,28 @@ def test_readme_search_example_runs_in_15_lines(run, images):
     assert len(results) == 5 and all(path.parent == images for path, _ in results)
     scores = [score for _, score in results]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+
+
+def test_a_recipe_starting_from_a_tampered_checkpoint_stops_in_one_line(run, tmp_path, capsys):
+    from accelerate.state import AcceleratorState, GradientState
+
+    copy = tmp_path / "pretrained"
+    shutil.copytree(run, copy)
+    weights = latest_checkpoint(copy) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # 64 bytes of tensor data zeroed
+    weights.write_bytes(bytes(data))
+    try:
+        code = main(["train", str(ROOT / "recipes" / "shapesworld-tiny.yaml"),
+                     "model.name=vlp-tiny", f"model.pretrained={copy}", "train.steps=1",
+                     "data.synth.num_train=600", "data.synth.num_eval=64",
+                     "data.synth.samples_per_shard=300", "data.num_workers=0",
+                     f"output_dir={tmp_path / 'finetune'}", f"data.cache_dir={run.parent / 'cache'}",
+                     "train.trackers=[jsonl]"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("vlp train: error: ") and err.count("\n") == 1
+    assert f"{weights}: sha256 differs from the manifest" in err
+    assert not list((tmp_path / "finetune").glob("step-*"))

@@ -1,7 +1,9 @@
 """Checkpoints: complete or absent, self-describing, loadable without unpickling."""
 
 import json
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -238,3 +240,90 @@ def test_after_resuming_from_an_earlier_step_the_new_timeline_wins(tmp_path):
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
         "step-000000003", "step-000000004", "step-000000006"]
     assert checkpoint.resume_candidates(tmp_path) == [tmp_path / "step-000000003"]
+
+
+def rewrite_manifest(edit):
+    def damage(path):
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return damage
+
+
+def entry(name, value):
+    def edit(manifest):
+        manifest["files"]["model.safetensors"] = value
+        return manifest
+    return name, edit
+
+
+MALFORMED_MANIFESTS = dict([
+    ("a list", lambda m: [m]),
+    ("a string", lambda m: "files"),
+    ("files as a list", lambda m: {**m, "files": list(m["files"])}),
+    ("no files table", lambda m: {k: v for k, v in m.items() if k != "files"}),
+    entry("a string entry", "0" * 64),
+    entry("an entry without sha256", {"bytes": 10}),
+    entry("an entry without bytes", {"sha256": "0" * 64}),
+    entry("bytes as a string", {"bytes": "10", "sha256": "0" * 64}),
+    entry("bytes as a bool", {"bytes": True, "sha256": "0" * 64}),
+    entry("sha256 as a number", {"bytes": 10, "sha256": 0}),
+])
+
+
+@pytest.mark.parametrize("malformed", sorted(MALFORMED_MANIFESTS))
+def test_a_malformed_manifest_is_a_broken_checkpoint_not_a_traceback(tmp_path, malformed):
+    model, optimizer = tiny_setup()
+    path = save(tmp_path, 1, model, optimizer)
+    rewrite_manifest(MALFORMED_MANIFESTS[malformed])(path / "manifest.json")
+    for model_only in (False, True):
+        with pytest.raises(checkpoint.CheckpointError, match=r"manifest\.json: malformed"):
+            checkpoint.verify_checkpoint(path, model_only=model_only)
+    found, skipped = checkpoint.newest_verified_checkpoint(tmp_path)
+    assert found is None and [bad for bad, _ in skipped] == [path]
+
+
+def test_model_only_verification_refuses_a_file_the_manifest_does_not_list(tmp_path):
+    model, optimizer = tiny_setup()
+    path = save(tmp_path, 1, model, optimizer)
+    (path / "text_tower").mkdir()
+    (path / "text_tower" / "tokenizer.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer\.json: not listed in"):
+        checkpoint.verify_checkpoint(path, model_only=True)
+
+
+@pytest.mark.parametrize("pointer", ["../elsewhere/step-000000001", "/tmp/step-000000001",
+                                     "step-000000001/../../elsewhere", "..", ""])
+def test_latest_cannot_point_outside_its_run_folder(tmp_path, pointer):
+    model, optimizer = tiny_setup()
+    elsewhere = save(tmp_path / "elsewhere", 1, model, optimizer)
+    run = tmp_path / "run"
+    save(run, 1, model, optimizer)
+    (run / "latest").write_text(pointer + "\n")
+    with pytest.raises(checkpoint.CheckpointError, match=r"run/latest: names .* not a step-N"):
+        checkpoint.latest_checkpoint(run)
+    with pytest.raises(checkpoint.CheckpointError, match=r"run/latest"):
+        checkpoint.resolve_checkpoint(run)
+    assert elsewhere.is_dir()
+
+
+def test_a_checkpoint_linked_from_elsewhere_is_not_one_of_the_run(tmp_path):
+    model, optimizer = tiny_setup()
+    elsewhere = save(tmp_path / "elsewhere", 5, model, optimizer)
+    run = tmp_path / "run"
+    own = save(run, 1, model, optimizer)
+    (run / "step-000000005").symlink_to(elsewhere, target_is_directory=True)
+    (run / "latest").write_text("step-000000005\n")
+    assert checkpoint.list_checkpoints(run) == [own]
+    assert checkpoint.latest_checkpoint(run) == own
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask):
+    model, optimizer = tiny_setup()
+    previous = os.umask(umask)
+    try:
+        path = save(tmp_path, 1, model, optimizer)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
+    assert {"model.safetensors", "optimizer.safetensors", "rng.rank0.safetensors"} <= set(modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -21,7 +21,7 @@ from vlp.cli import build_parser, main
     ],
 )
 def test_argument_mistakes_exit_2_with_one_line(argv, message, capsys):
-    code = main(["eval", "--checkpoint", "open_clip:vlp-tiny", *argv])
+    code = main(["eval", "--checkpoint", "open_clip:vlp-tiny:random", *argv])
 
     err = capsys.readouterr().err
     assert code == 2

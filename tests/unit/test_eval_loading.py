@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from vlp import checkpoint
 from vlp.checkpoint import CheckpointError
 from vlp.eval.loading import load_checkpoint_model, load_model
 from vlp.models import build_model, model_config
@@ -26,6 +28,7 @@ def tiny(tmp_path_factory):
     info = {"name": "vlp-tiny", "model_cfg": model_config("vlp-tiny"),
             "model_kwargs": {"init_logit_bias": -10.0}}
     (folder / "model_config.json").write_text(json.dumps(info))
+    checkpoint.write_manifest(folder, step=10, milestone=False)
     return bundle, folder
 
 
@@ -52,7 +55,7 @@ def test_checkpoint_architecture_comes_from_model_config_json(tiny, tmp_path):
     (copy / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     (copy / "model_config.json").write_text(json.dumps(info))
 
-    model, _, tokenizer = load_checkpoint_model(copy)
+    model, _, tokenizer = load_checkpoint_model(copy, verify=False)  # assembled by hand
 
     assert model.logit_bias is not None
     assert tokenizer(["x"]).shape == (1, info["model_cfg"]["text_cfg"]["context_length"])
@@ -75,7 +78,7 @@ def test_weights_that_do_not_fit_the_architecture_raise_checkpoint_error(tiny, t
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
 
     with pytest.raises(CheckpointError, match="does not fit the architecture"):
-        load_checkpoint_model(tmp_path)
+        load_checkpoint_model(tmp_path, verify=False)
 
 
 def test_missing_or_bad_files_raise_errors_naming_them(tmp_path):
@@ -84,8 +87,24 @@ def test_missing_or_bad_files_raise_errors_naming_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint file missing: .*model_config\.json"):
         load_checkpoint_model(tmp_path)
     (tmp_path / "model_config.json").write_text(json.dumps({"name": "vlp-tiny"}))
-    with pytest.raises(CheckpointError, match="'model_cfg' missing"):
+    with pytest.raises(CheckpointError, match=r"checkpoint file missing: .*manifest\.json"):
         load_checkpoint_model(tmp_path)
+    with pytest.raises(CheckpointError, match="'model_cfg' missing"):
+        load_checkpoint_model(tmp_path, verify=False)
+
+
+def test_a_tampered_checkpoint_is_refused_naming_the_file(tiny, tmp_path):
+    _, folder = tiny
+    copy = tmp_path / "step-000000010"
+    shutil.copytree(folder, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-200:-136] = bytes(b ^ 0xFF for b in data[-200:-136])  # 64 bytes of tensor data
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 differs"):
+        load_model(str(copy))
+    assert load_model(str(copy), verify=False).name == str(copy)  # it would load unnoticed
 
 
 def test_open_clip_spec_loads_a_local_weights_file(tiny, tmp_path):
@@ -105,7 +124,17 @@ def test_open_clip_spec_with_a_missing_weights_file_fails_without_downloading(tm
     with pytest.raises(FileNotFoundError, match="no weights file"):
         load_model(f"open_clip:vlp-tiny:{tmp_path / 'missing.bin'}")
     with pytest.raises(ValueError, match="unknown model"):
-        load_model("open_clip:not-a-model")
+        load_model("open_clip:not-a-model:random")
+
+
+def test_open_clip_spec_without_weights_is_refused_unless_random_is_asked_for():
+    with pytest.raises(ValueError, match=r"open_clip:vlp-tiny names no weights.*"
+                                         r"open_clip:vlp-tiny:random"):
+        load_model("open_clip:vlp-tiny")
+
+    loaded = load_model("open_clip:vlp-tiny:random")
+
+    assert (loaded.name, loaded.pretrained) == ("vlp-tiny", None)
 
 
 
@@ -116,3 +145,14 @@ def test_a_run_folder_loads_its_latest_checkpoint(tiny):
     loaded = load_model(str(folder.parent))
 
     assert loaded.name == str(folder)
+
+
+def test_a_random_open_clip_coca_has_no_uninitialised_weights():
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # torch.empty returns NaN
+    try:
+        model = load_model("open_clip:vlp-tiny-coca:random").model
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import open_clip
@@ -106,6 +108,7 @@ def test_a_checkpoint_without_preprocess_json_gets_open_clip_defaults(tiny, tmp_
     old = tmp_path / "old"
     shutil.copytree(ckpt, old)
     (old / "preprocess.json").unlink()
+    checkpoint.write_manifest(old, step=2, milestone=False)  # as such a checkpoint was written
 
     loaded, preprocess, tokenizer = vlp.load(old)
 
@@ -125,16 +128,20 @@ def test_flipped_header_bytes_are_rejected_naming_the_file(tiny, tmp_path):
     data = bytearray(weights.read_bytes())
     data[9:19] = bytes(b ^ 0xFF for b in data[9:19])  # inside the JSON header
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 differs"):
         vlp.load(folder)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        vlp.load(folder, verify=False)
 
 
 def test_truncated_weights_are_rejected_naming_the_file(tiny, tmp_path):
     folder = _copy(tiny[2], tmp_path)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: \d+ bytes, the manifest"):
         vlp.load(folder)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        vlp.load(folder, verify=False)
 
 
 def test_weights_of_the_wrong_shape_are_rejected_naming_the_file(tiny, tmp_path):
@@ -142,6 +149,7 @@ def test_weights_of_the_wrong_shape_are_rejected_naming_the_file(tiny, tmp_path)
     state = load_file(folder / "model.safetensors")
     state["text_projection"] = torch.zeros(128, 64)
     save_file(state, folder / "model.safetensors")
+    checkpoint.write_manifest(folder, step=2, milestone=False)
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit the architecture"):
         vlp.load(folder)
 
@@ -305,3 +313,102 @@ def test_model_config_errors_name_the_key(tmp_path):
         load_config(recipe, [f"model.pretrained=hf:{tmp_path / 'none'}"])
     with pytest.raises(ConfigError, match="model.hf_text_model: .*not a transformers model"):
         load_config(recipe, [f"model.hf_text_model={tmp_path}"])
+
+
+# ---------------------------------------------------------------- checkpoints that are what they claim
+
+
+def tamper(ckpt: Path) -> Path:
+    """Flip 64 bytes of tensor data in the weights: the file still parses, sizes still match."""
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    weights.write_bytes(bytes(data))
+    return weights
+
+
+@pytest.fixture
+def tampered(tiny, tmp_path):
+    """A run folder whose only (and latest) checkpoint has 64 flipped bytes in its weights."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny[2], run / tiny[2].name)
+    (run / "latest").write_text(tiny[2].name + "\n")
+    tamper(run / tiny[2].name)
+    return run / tiny[2].name
+
+
+SHA_MISMATCH = r"model\.safetensors: sha256 differs from the manifest"
+
+
+def test_tampered_weights_load_silently_without_verification(tampered, tiny, inputs):
+    """What the tests below guard against: the flipped bytes parse, and change the model."""
+    model, _, _ = vlp.load(tampered, verify=False)
+    changed = [k for k, v in model.model.state_dict().items()
+               if not torch.equal(v, tiny[0].state_dict()[k])]
+    assert changed
+
+
+def test_vlp_load_refuses_a_tampered_checkpoint_or_run_folder(tampered):
+    for path in (tampered, tampered.parent):
+        with pytest.raises(CheckpointError, match=SHA_MISMATCH):
+            vlp.load(path)
+
+
+def test_vlp_eval_refuses_a_tampered_checkpoint_in_one_line(tampered, tmp_path, capsys):
+    data = tmp_path / "zeroshot"
+    data.mkdir()
+    code = main(["eval", "--checkpoint", str(tampered), "--task", "zeroshot", "--data", str(data),
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("vlp eval: error: ") and err.count("\n") == 1
+    assert str(tampered / "model.safetensors") in err and "sha256 differs" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vlp_export_refuses_a_tampered_checkpoint_in_one_line(tampered, tmp_path, capsys):
+    out = tmp_path / "exported"
+    code = main(["export", "--checkpoint", str(tampered), "--format", "open_clip",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("vlp export: error: ") and err.count("\n") == 1
+    assert str(tampered / "model.safetensors") in err and "sha256 differs" in err
+    assert not out.exists() and not out.with_name("exported.tmp").exists()
+
+
+def test_model_pretrained_refuses_a_tampered_checkpoint(tampered):
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld-tiny.yaml"
+    for pretrained in (tampered, tampered.parent):
+        cfg = load_config(recipe, [f"model.pretrained={pretrained}"])
+        with pytest.raises(CheckpointError, match=SHA_MISMATCH):
+            build_model(cfg.model.name, pretrained=cfg.model.pretrained)
+
+
+def test_every_model_file_is_checked_not_only_the_weights(tiny, tmp_path):
+    folder = _copy(tiny[2], tmp_path)
+    preprocess = json.loads((folder / "preprocess.json").read_text())
+    preprocess["image"]["mean"] = [0.0, 0.0, 0.0]
+    (folder / "preprocess.json").write_text(json.dumps(preprocess))
+    with pytest.raises(CheckpointError, match=r"preprocess\.json: .*the manifest"):
+        vlp.load(folder)
+
+
+def test_loading_the_model_does_not_hash_the_optimizer(tiny, tmp_path):
+    """vlp.load reads only the model's files; resuming checks the rest."""
+    folder = _copy(tiny[2], tmp_path)
+    (folder / "optimizer.safetensors").write_bytes(b"not read by vlp.load")
+    vlp.load(folder)
+    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors"):
+        checkpoint.verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize("fmt", ["open_clip", "hf"])
+def test_exported_files_get_the_umask_mode_not_0600(tiny, tmp_path, fmt):
+    previous = os.umask(0o002)  # a group-shared cluster folder
+    try:
+        out = export_checkpoint(tiny[2], tmp_path / fmt, format=fmt)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o664}, modes

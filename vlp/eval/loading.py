@@ -3,11 +3,12 @@
     vlp eval --checkpoint runs/x/step-000000600       a vlp checkpoint folder (DESIGN §3)
     vlp eval --checkpoint runs/x                      the run's latest checkpoint
     vlp eval --checkpoint open_clip:ViT-B-32:/w.pt    an open_clip architecture + local weights
-    vlp eval --checkpoint open_clip:ViT-B-32          the same, randomly initialised
+    vlp eval --checkpoint open_clip:ViT-B-32:random   the same, randomly initialised (a baseline)
 
 A vlp checkpoint is rebuilt from its own `model_config.json` (the architecture it was trained
 with, not whatever the config file says today) and its `model.safetensors`, read with
-safetensors: nothing is unpickled. Weights for `open_clip:` are handed to open_clip, which reads
+safetensors after checking them against the checkpoint's manifest: nothing is unpickled.
+`open_clip:MODEL` alone names no weights and is refused rather than evaluated at random. Weights for `open_clip:` are handed to open_clip, which reads
 `.safetensors` directly and `.pt`/`.bin` with `torch.load(weights_only=True)`.
 """
 
@@ -20,11 +21,11 @@ from pathlib import Path
 import open_clip
 import torch
 
-from vlp.checkpoint import latest_checkpoint
+from vlp.checkpoint import MODEL_CONFIG, MODEL_WEIGHTS
 from vlp.models.loading import open_checkpoint
 
 OPEN_CLIP_PREFIX = "open_clip:"
-MODEL_CONFIG_FILE = "model_config.json"
+RANDOM_WEIGHTS = "random"
 
 
 @dataclass
@@ -41,60 +42,70 @@ class LoadedModel:
     """The `pretrained` field of result JSONs: the weights file, None for a random init."""
 
 
-def load_model(spec: str, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load `spec` (a checkpoint folder or `open_clip:MODEL[:WEIGHTS]`) in eval mode on `device`."""
+def load_model(
+    spec: str, *, device: str | torch.device = "cpu", verify: bool = True
+) -> LoadedModel:
+    """Load `spec` (a checkpoint or run folder, or `open_clip:MODEL:WEIGHTS|random`) in eval mode
+    on `device`; a checkpoint is first checked against its manifest unless `verify` is False."""
     if spec.startswith(OPEN_CLIP_PREFIX):
         loaded = load_open_clip_model(spec[len(OPEN_CLIP_PREFIX):])
     else:
-        folder = resolve_checkpoint_folder(spec)
-        model, preprocess, tokenizer = load_checkpoint_model(folder)
-        loaded = LoadedModel(model, preprocess, tokenizer, str(folder), None)
+        opened = open_checkpoint(_checkpoint_folder(spec), verify=verify)
+        loaded = LoadedModel(opened.model, opened.preprocess, opened.tokenizer, str(opened.path),
+                             None)
     loaded.model.to(device).eval()
     return loaded
 
 
-def resolve_checkpoint_folder(path: str | Path) -> Path:
-    """`path` itself when it is a checkpoint folder; for a run folder, its latest checkpoint."""
+def _checkpoint_folder(path: str | Path) -> Path:
     path = Path(path)
-    if path.is_dir() and not (path / MODEL_CONFIG_FILE).exists():
-        latest = latest_checkpoint(path)
-        if latest is not None:
-            return latest
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--checkpoint: {path} is not a folder (a vlp checkpoint folder holds "
+            f"{MODEL_CONFIG} and {MODEL_WEIGHTS}; for open_clip models use "
+            f"{OPEN_CLIP_PREFIX}MODEL:WEIGHTS)"
+        )
     return path
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[torch.nn.Module, Callable, Callable]:
-    """`(model, preprocess_val, tokenizer)` of a vlp checkpoint folder (`vlp.models.loading`).
+def load_checkpoint_model(
+    path: str | Path, *, verify: bool = True
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """`(model, preprocess_val, tokenizer)` of a vlp checkpoint (or run) folder
+    (`vlp.models.loading`).
 
     The architecture comes from the folder's `model_config.json` (`{name, model_cfg,
     model_kwargs}`), preprocessing and tokenizer from `preprocess.json`, the weights from
     `model.safetensors` (loaded strictly, so a checkpoint and an architecture that disagree fail
     here rather than evaluate a half-random model). The model is the open_clip model itself.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"--checkpoint: {path} is not a folder (a vlp checkpoint folder holds "
-            f"{MODEL_CONFIG_FILE} and model.safetensors; for open_clip models use "
-            f"{OPEN_CLIP_PREFIX}MODEL[:WEIGHTS])"
-        )
-    loaded = open_checkpoint(path)
+    loaded = open_checkpoint(_checkpoint_folder(path), verify=verify)
     return loaded.model, loaded.preprocess, loaded.tokenizer
 
 
 def load_open_clip_model(spec: str) -> LoadedModel:
-    """`MODEL[:WEIGHTS]`: open_clip's architecture MODEL with the local weights file WEIGHTS."""
+    """`MODEL:WEIGHTS`: open_clip's architecture MODEL with the local weights file WEIGHTS, or
+    randomly initialised for `MODEL:random` (asked for by name, never by leaving WEIGHTS out)."""
     name, _, weights = spec.partition(":")
     if not name:
-        raise ValueError(f"--checkpoint: expected {OPEN_CLIP_PREFIX}MODEL[:WEIGHTS], got "
+        raise ValueError(f"--checkpoint: expected {OPEN_CLIP_PREFIX}MODEL:WEIGHTS, got "
                          f"{OPEN_CLIP_PREFIX}{spec}")
-    from vlp.models import model_config
+    from vlp.models import init_caption_decoder, model_config
 
     model_config(name)  # registers vlp's own configs; raises a clear error for unknown names
-    if weights and not Path(weights).is_file():
+    if not weights:
+        raise ValueError(
+            f"--checkpoint: {OPEN_CLIP_PREFIX}{name} names no weights; pass a local weights file "
+            f"({OPEN_CLIP_PREFIX}{name}:/path/open_clip_model.safetensors) or "
+            f"{OPEN_CLIP_PREFIX}{name}:{RANDOM_WEIGHTS} to evaluate a randomly initialised model")
+    if weights == RANDOM_WEIGHTS:
+        weights = ""
+    elif not Path(weights).is_file():
         raise FileNotFoundError(
             f"--checkpoint: no weights file {weights} (downloads are not attempted; pass a local "
             "file, e.g. open_clip_pytorch_model.bin or open_clip_model.safetensors)"
         )
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights or None)
+    if not weights:
+        init_caption_decoder(model)  # a random CoCa's decoder projection is otherwise torch.empty
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, weights or None)

@@ -212,7 +212,7 @@ def create_model(
         register_architecture(read_hf_config(Path(hf_folder)))
     with tempfile.TemporaryDirectory(prefix="vlp-model-") as folder, _no_weights_warnings():
         (Path(folder) / "open_clip_config.json").write_text(json.dumps(config))
-        return open_clip.create_model_and_transforms(
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             f"local-dir:{folder}", load_weights=False, pretrained_text=load_text_weights,
             output_dict=True,
             # also passed here so that they stay tuples, as open_clip's own configs give them
@@ -220,6 +220,26 @@ def create_model(
             image_std=tuple(image["std"]) if "std" in image else None,
             **spec.model_kwargs,
         )
+    init_caption_decoder(model)
+    return model, preprocess_train, preprocess_val
+
+
+def init_caption_decoder(model: nn.Module) -> None:
+    """Initialise the one weight open_clip leaves uninitialised in a CoCa caption decoder.
+
+    open_clip's `MultimodalTransformer` creates `text_projection` (width × vocabulary) with
+    `torch.empty` and never initialises it: its `init_parameters` is not called (and fails if
+    called: it reads a `.transformer` the class does not have). The projection then holds
+    whatever the allocator returns: zeros from fresh pages, or stale bytes, NaN among them, where
+    freed memory is reused (as later in a long process), which made the caption loss NaN at
+    step 1. It gets the normal(0, width^-0.5) that `init_parameters` intends; the decoder's other
+    weights keep PyTorch's default initialisation, as in open_clip's CoCa training.
+    """
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if isinstance(projection, nn.Parameter):
+        with torch.no_grad():
+            nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
 
 
 @contextmanager

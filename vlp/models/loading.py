@@ -4,7 +4,8 @@ The architecture comes from the checkpoint's own `model_config.json` (not whatev
 file says today), preprocessing and tokenizer from `preprocess.json` (older checkpoints without
 it get open_clip's defaults for the architecture), a transformers text tower's config and
 tokenizer from `text_tower/`, and the weights from `model.safetensors`, read with safetensors:
-nothing is unpickled.
+nothing is unpickled. Those files are first checked against the checkpoint's `manifest.json`
+(`verify=False` skips that), so a truncated or tampered file raises `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -116,10 +117,13 @@ def read_spec(ckpt: Path) -> ModelSpec:
     return ModelSpec(name, model_cfg, info.get("model_kwargs", {}), image, text, tower)
 
 
-def open_checkpoint(path: str | Path) -> LoadedCheckpoint:
+def open_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoint:
     """Rebuild the open_clip model of a checkpoint folder (or a run folder's latest checkpoint),
-    with its weights loaded strictly, on CPU and in eval mode."""
+    with its weights loaded strictly, on CPU and in eval mode; with `verify`, only after the
+    files it reads match the checkpoint's manifest."""
     ckpt = checkpoint.resolve_checkpoint(path)
+    if verify:
+        checkpoint.verify_checkpoint(ckpt, model_only=True)
     spec = read_spec(ckpt)
     try:
         model, _, preprocess = create_model(spec)
@@ -137,9 +141,9 @@ def open_checkpoint(path: str | Path) -> LoadedCheckpoint:
 
 
 def load(
-    path: str | Path, *, device: str | torch.device = "cpu"
+    path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[Encoder, Callable, Callable]:
     """`model, preprocess, tokenizer` of a vlp checkpoint (or run) folder; see `vlp.load`."""
-    loaded = open_checkpoint(path)
+    loaded = open_checkpoint(path, verify=verify)
     model = Encoder(loaded.model, loaded.spec).to(device).eval()
     return model, loaded.preprocess, loaded.tokenizer

@@ -31,7 +31,8 @@ def load_pretrained(model: nn.Module, source: str, *, spec: ModelSpec) -> None:
     """Load starting weights into `model` (built from `spec`) from `source`, never unpickling:
 
     - `hf:FOLDER`: a transformers `CLIPModel` folder (converted; activations must agree);
-    - a folder: a vlp checkpoint, or a run folder (its latest checkpoint);
+    - a folder: a vlp checkpoint, or a run folder (its latest checkpoint), checked against its
+      manifest first (a tampered file raises `CheckpointError`);
     - a file: open_clip weights (`.safetensors`, or `.pt`/`.bin` via `torch.load(weights_only=True)`).
     """
     if source.startswith(HF_PREFIX):
@@ -51,6 +52,7 @@ def load_pretrained(model: nn.Module, source: str, *, spec: ModelSpec) -> None:
         load_state_strict(model, state, source=folder)
     elif Path(source).is_dir():
         ckpt = checkpoint.resolve_checkpoint(source)
+        checkpoint.verify_checkpoint(ckpt, model_only=True)
         load_state_strict(model, checkpoint.load_model_weights(ckpt),
                           source=str(ckpt / checkpoint.MODEL_WEIGHTS))
     elif Path(source).is_file():
