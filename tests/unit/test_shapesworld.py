@@ -14,6 +14,8 @@ from vlp.data.shapesworld import (
     NEGATIVE_KINDS,
     RELATIONS,
     SEEN_COMBOS,
+    TRAIN_NEGATIVE_FALLBACK,
+    TRAIN_NEGATIVE_KINDS,
     ZEROSHOT_TEMPLATES,
     Caption,
     Mention,
@@ -22,6 +24,7 @@ from vlp.data.shapesworld import (
     describe,
     describes,
     hard_negative,
+    hard_negatives,
     make_train_sample,
     paraphrases,
     parse_caption,
@@ -33,6 +36,7 @@ from vlp.data.shapesworld_writer import SUGARCREPE_SUBSETS, write_shapesworld
 
 TINY = {"num_train": 200, "num_eval": 60, "samples_per_shard": 50, "progress": False}
 NUM_SAMPLES = 600
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +76,52 @@ def test_hard_negatives_never_describe_their_scene():
             assert not describes(sample.scene, negative), (kind, sample.caption, negative)
 
 
-def test_every_negative_kind_occurs_in_training_data():
-    kinds = Counter(k for i in range(NUM_SAMPLES) for k in make_train_sample(i, seed=0).neg_kinds)
-    assert set(kinds) == set(NEGATIVE_KINDS)
+def test_every_negative_kind_occurs_in_the_evaluation_sets():
+    scenes = [sample_scene(sample_rng(0, "kinds", i), num_objects=1 + i % 2) for i in range(200)]
+    kinds = {kind for i, scene in enumerate(scenes)
+             for kind, _ in hard_negatives(scene, describe(scene, sample_rng(1, "kinds", i)),
+                                           sample_rng(2, "kinds", i))}
+    assert kinds == set(NEGATIVE_KINDS)
+
+
+def test_training_captions_carry_the_negatives_of_their_object_count():
+    """In TRAIN_NEGATIVE_KINDS order, each kind or, for a swap that does not apply or repeats
+    an earlier negative, its fallback; all distinct."""
+    for index in range(NUM_SAMPLES):
+        sample = make_train_sample(index, seed=0)
+        intended = TRAIN_NEGATIVE_KINDS[len(sample.scene.objects)]
+        assert len(sample.neg_kinds) == len(intended)
+        for kind, wanted in zip(sample.neg_kinds, intended, strict=True):
+            assert kind in (wanted, TRAIN_NEGATIVE_FALLBACK.get(wanted))
+        if len(sample.scene.objects) == 2 and sample.neg_kinds[0] != "swap_att":
+            a, b = sample.scene.objects
+            assert a.color == b.color
+        assert len(set(sample.neg_captions)) == len(intended)
+
+
+def test_negclip_batches_contain_each_negative_kind_at_the_intended_rate():
+    """What negclip's recipe draws (data.num_negatives of each json's neg_captions, as the
+    pipeline picks them): every two-object caption comes with a swap of objects and a replaced
+    relation, and almost every one (unless its two colours are equal) with swapped colours."""
+    from vlp.config import load_config
+    from vlp.data.pipeline import pick_negatives
+
+    k = load_config(RECIPES / "shapesworld-tiny-negclip.yaml").data.num_negatives
+    assert k == 3
+    rng = __import__("random").Random(0)
+    per_caption = []
+    for index in range(512):
+        sample = make_train_sample(index, seed=0)
+        kinds = dict(zip(sample.neg_captions, sample.neg_kinds, strict=True))
+        picked = pick_negatives({"json": json.dumps(sample.metadata())}, k, rng)
+        per_caption.append((len(sample.scene.objects), Counter(kinds[t] for t in picked)))
+    two = [c for n, c in per_caption if n == 2]
+    one = [c for n, c in per_caption if n == 1]
+    assert 0.4 < len(two) / len(per_caption) < 0.6
+    assert all(c["replace_rel"] == 1 and sum(c.values()) == k for c in two)
+    assert sum(c["swap_obj"] for c in two) / len(two) > 0.8  # not for objects of one shape
+    assert sum(c["swap_att"] for c in two) / len(two) > 0.9  # not for equal colours and sizes
+    assert all(c == Counter(TRAIN_NEGATIVE_KINDS[1]) for c in one)
 
 
 def test_two_object_negatives_change_what_their_kind_names():

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SHAPESWORLD_FORMAT = 1
+SHAPESWORLD_FORMAT = 2
 """Bump when the generator's output changes, so stale caches are not reused."""
 
 

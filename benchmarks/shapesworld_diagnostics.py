@@ -1,0 +1,216 @@
+"""Why an objective does or does not show its effect on ShapesWorld: four measurements.
+
+    python benchmarks/shapesworld_diagnostics.py kinds [--samples 4000] [--num-negatives 3]
+    python benchmarks/shapesworld_diagnostics.py forms [--samples 2000]
+    python benchmarks/shapesworld_diagnostics.py probe RUN_OR_random [--scenes 3000]
+    python benchmarks/shapesworld_diagnostics.py negatives RUN_OR_random [--samples 1000]
+
+- `kinds`: which hard-negative kinds the sampled negatives of a training caption contain (the
+  data pipeline's `pick_negatives`, as negclip training draws them), per kind and how often a
+  swap (swap_att or swap_obj) or a relation edit is among them.
+- `forms`: whether the evaluation set's swap_att negatives have the form of the training ones
+  (colours swapped vs sizes swapped, sizes named or not), from the generator itself.
+- `probe`: can the image tower bind colour to shape at 64 px? Logistic-regression probes on
+  frozen image embeddings of two-object scenes (distinct colours and shapes): the colour of the
+  object with the first shape in `SHAPES` order (50% for a probe that knows which two colours
+  are present but not which shape wears which), and the relation of that object to the other
+  (4 classes, 25%). A run folder, or `random` for the untrained tower (`--model`).
+- `negatives`: on training samples, per kind, how often the model scores the caption above
+  the hard negative (image-to-text cosine): what negclip's extra columns ask of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import sys
+from collections.abc import Sequence
+
+from vlp.data.shapesworld import (
+    COLORS,
+    NEGATIVE_KINDS,
+    RELATIONS,
+    SHAPES,
+    describe,
+    hard_negative,
+    make_train_sample,
+    render_image,
+    sample_rng,
+    sample_scene,
+)
+
+SWAPS = ("swap_att", "swap_obj")
+RELATION_KINDS = ("replace_rel", "swap_obj")
+
+
+def kind_rates(samples: int, num_negatives: int, seed: int = 0) -> dict[str, float]:
+    """Fractions over `samples` training captions (first `samples` indices of data seed
+    `seed`) of negatives drawn as the pipeline draws them."""
+    import json
+
+    from vlp.data.pipeline import pick_negatives
+
+    rng = random.Random(0)
+    per_kind: collections.Counter = collections.Counter()
+    with_swap = with_swap_att = with_rel = two_objects = picked = 0
+    for index in range(samples):
+        sample = make_train_sample(index, seed=seed)
+        meta = json.dumps({"neg_captions": list(sample.neg_captions)})
+        kinds_of = dict(zip(sample.neg_captions, sample.neg_kinds, strict=True))
+        chosen = [kinds_of[t] for t in pick_negatives({"json": meta}, num_negatives, rng)]
+        per_kind.update(chosen)
+        picked += len(chosen)
+        if len(sample.scene.objects) == 2:
+            two_objects += 1
+            with_swap += any(k in SWAPS for k in chosen)
+            with_swap_att += "swap_att" in chosen
+            with_rel += any(k in RELATION_KINDS for k in chosen)
+    out = {f"share of picked negatives: {k}": per_kind[k] / picked for k in NEGATIVE_KINDS}
+    out["two-object captions"] = two_objects / samples
+    out["two-object captions with a swap among the picks"] = with_swap / max(1, two_objects)
+    out["two-object captions with swap_att among the picks"] = with_swap_att / max(1, two_objects)
+    out["two-object captions with a relation edit among the picks"] = with_rel / max(1, two_objects)
+    out["all captions with swap_att among the picks"] = with_swap_att / samples
+    return out
+
+
+def swap_forms(samples: int) -> dict[str, dict[str, float]]:
+    """How swap_att negatives are made in training samples and in the SugarCrepe-format set."""
+    from vlp.data.shapesworld import parse_caption
+
+    def form(caption: str, negative: str) -> str:
+        a, b = parse_caption(caption).mentions, parse_caption(negative).mentions
+        what = "colours" if a[0].color != b[0].color else "sizes"
+        return f"{what} swapped, sizes {'named' if a[0].size else 'not named'}"
+
+    train: collections.Counter = collections.Counter()
+    for index in range(samples):
+        s = make_train_sample(index, seed=0)
+        for text, kind in zip(s.neg_captions, s.neg_kinds, strict=True):
+            if kind == "swap_att":
+                train[form(s.caption, text)] += 1
+    evaluation: collections.Counter = collections.Counter()
+    for index in range(samples):
+        rng = sample_rng(0, "sugarcrepe", index)
+        scene = sample_scene(rng, num_objects=1 + (rng.random() < 2 / 3))
+        caption = describe(scene, rng)
+        negative = hard_negative("swap_att", scene, caption, rng)
+        if negative is not None:
+            evaluation[form(caption.render(), negative)] += 1
+    return {name: {k: v / sum(c.values()) for k, v in sorted(c.items())}
+            for name, c in (("train", train), ("eval", evaluation))}
+
+
+def _encoder(run: str, model_name: str):
+    import torch
+
+    if run == "random":
+        from vlp.models import build_tokenizer, create_model, model_spec
+        from vlp.models.loading import Encoder
+
+        torch.manual_seed(0)
+        spec = model_spec(model_name)
+        model, _, preprocess = create_model(spec)
+        return Encoder(model, spec).eval(), preprocess, build_tokenizer(spec.text)
+    from vlp.models.loading import load
+
+    return load(run)
+
+
+def _embed_images(encoder, preprocess, images, batch: int = 256):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = torch.stack([preprocess(im) for im in images[i:i + batch]])
+            out.append(encoder.encode_image(x))
+    return torch.cat(out).numpy()
+
+
+def binding_probe(run: str, scenes: int, model_name: str) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    encoder, preprocess, _ = _encoder(run, model_name)
+    images, colour, relation = [], [], []
+    index = 0
+    while len(images) < scenes:
+        rng = sample_rng(7, "probe", index)
+        index += 1
+        scene = sample_scene(rng, num_objects=2)
+        a, b = scene.objects
+        if a.color == b.color or a.shape == b.shape:
+            continue
+        first = 0 if SHAPES.index(a.shape) < SHAPES.index(b.shape) else 1
+        rel = scene.relation if first == 0 else _inverse(scene.relation)
+        images.append(render_image(scene))
+        colour.append(list(COLORS).index(scene.objects[first].color))
+        relation.append(RELATIONS.index(rel))
+    features = _embed_images(encoder, preprocess, images)
+    split = int(0.75 * len(images))
+    out = {}
+    for name, labels in (("colour of the first shape (bound colour)", colour),
+                         ("relation of the first shape to the other", relation)):
+        probe = LogisticRegression(max_iter=2000, C=10.0)
+        probe.fit(features[:split], labels[:split])
+        out[name] = float(probe.score(features[split:], labels[split:]))
+    return out
+
+
+def _inverse(relation: str) -> str:
+    from vlp.data.shapesworld import INVERSE_RELATION
+
+    return INVERSE_RELATION[relation]
+
+
+def training_negatives(run: str, samples: int, model_name: str) -> dict[str, float]:
+    import torch
+
+    encoder, preprocess, tokenizer = _encoder(run, model_name)
+    data = [make_train_sample(i, seed=0) for i in range(samples)]
+    image_features = torch.from_numpy(
+        _embed_images(encoder, preprocess, [render_image(s.scene) for s in data]))
+    right: collections.Counter = collections.Counter()
+    total: collections.Counter = collections.Counter()
+    with torch.no_grad():
+        for s, x in zip(data, image_features, strict=True):
+            texts = tokenizer([s.caption, *s.neg_captions])
+            y = encoder.encode_text(texts)
+            scores = y @ x
+            for kind, score in zip(s.neg_kinds, scores[1:], strict=True):
+                total[kind] += 1
+                right[kind] += bool(scores[0] > score)
+    return {kind: right[kind] / total[kind] for kind in NEGATIVE_KINDS if total[kind]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    kinds = sub.add_parser("kinds")
+    kinds.add_argument("--samples", type=int, default=4000)
+    kinds.add_argument("--num-negatives", type=int, default=3)
+    forms = sub.add_parser("forms")
+    forms.add_argument("--samples", type=int, default=2000)
+    for name, default in (("probe", 3000), ("negatives", 1000)):
+        p = sub.add_parser(name)
+        p.add_argument("run", help="a run or checkpoint folder, or 'random'")
+        p.add_argument("--model", default="vlp-tiny-rn", help="architecture for 'random'")
+        p.add_argument("--scenes" if name == "probe" else "--samples", type=int,
+                       default=default, dest="count")
+    args = parser.parse_args(argv)
+    if args.command == "kinds":
+        result = kind_rates(args.samples, args.num_negatives)
+    elif args.command == "forms":
+        result = swap_forms(args.samples)
+    elif args.command == "probe":
+        result = binding_probe(args.run, args.count, args.model)
+    else:
+        result = training_negatives(args.run, args.count, args.model)
+    for key, value in result.items():
+        print(f"{key}: {value if isinstance(value, dict) else f'{value:.3f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
