@@ -173,15 +173,19 @@ def training_negatives(run: str, samples: int, model_name: str) -> dict[str, flo
         _embed_images(encoder, preprocess, [render_image(s.scene) for s in data]))
     right: collections.Counter = collections.Counter()
     total: collections.Counter = collections.Counter()
+    text_cos: collections.Counter = collections.Counter()
     with torch.no_grad():
         for s, x in zip(data, image_features, strict=True):
             texts = tokenizer([s.caption, *s.neg_captions])
             y = encoder.encode_text(texts)
             scores = y @ x
-            for kind, score in zip(s.neg_kinds, scores[1:], strict=True):
+            for kind, score, neg in zip(s.neg_kinds, scores[1:], y[1:], strict=True):
                 total[kind] += 1
                 right[kind] += bool(scores[0] > score)
-    return {kind: right[kind] / total[kind] for kind in NEGATIVE_KINDS if total[kind]}
+                text_cos[kind] += float(neg @ y[0])
+    return {kind: f"caption ranked above it {right[kind] / total[kind]:.3f}, "
+                  f"cos(caption, negative) {text_cos[kind] / total[kind]:.3f}"
+            for kind in NEGATIVE_KINDS if total[kind]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         result = training_negatives(args.run, args.count, args.model)
     for key, value in result.items():
-        print(f"{key}: {value if isinstance(value, dict) else f'{value:.3f}'}")
+        print(f"{key}: {f'{value:.3f}' if isinstance(value, float) else value}")
     return 0
 
 
