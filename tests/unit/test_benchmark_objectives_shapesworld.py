@@ -100,3 +100,11 @@ def test_plot_writes_a_png(bench, tmp_path):
             fake_run("negclip", 0, seen=0.4, swap_att=0.9, gap=0.5)]
     path = bench.plot_summary(runs, tmp_path / "objectives.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_seeds_are_not_the_seed_the_recipes_were_chosen_on(bench):
+    from vlp.config import load_config
+
+    tuned = {load_config(recipe).train.seed for recipe in bench.RECIPES.values()}
+    seeds = bench.parse_args([]).seeds
+    assert len(seeds) >= 2 and not tuned & set(seeds)
