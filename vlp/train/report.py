@@ -31,8 +31,9 @@ def start_banner(trainer: Trainer) -> str:
     return "\n".join([
         f"vlp train: {cfg.model.name}, {total / 1e6:.2f} M parameters "
         f"({trainable / 1e6:.2f} M trainable)",
-        f"  data: {trainer.data.describe()}; batch {cfg.data.batch_size} per rank x "
-        f"{cfg.train.grad_accum} micro-batches{' (gradient cache)' if cfg.train.grad_cache else ''}",
+        f"  data: {trainer.data.describe()}; batch {cfg.data.batch_size} per rank"
+        + (f" x {cfg.train.grad_accum} micro-batches" if cfg.train.grad_accum > 1 else "")
+        + (" (gradient cache)" if cfg.train.grad_cache else ""),
         f"  world: {accelerator.num_processes} process(es), {accelerator.distributed_type.value} "
         f"({group}) on {accelerator.device.type}; contrastive backend {cfg.loss.backend}",
         f"  precision: {cfg.train.mixed_precision}"
