@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from vlp.train.fsdp import average_replicated_grads
 from vlp.train.grad_cache import cached_backward, forward
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -86,6 +87,8 @@ def apply_update(accelerator: Accelerator, model: nn.Module, optimizer: torch.op
     docstring). Returns the gradient norm before clipping and whether the update was skipped."""
     if not accelerator.sync_gradients:
         raise RuntimeError("apply_update after a micro-batch that did not synchronise gradients")
+    if accelerator.is_fsdp2:  # the 0-dim parameters FSDP2 leaves out (vlp.train.fsdp)
+        average_replicated_grads(model, accelerator)
     # Clipping with an infinite bound only measures; under fp16 it unscales the gradients first.
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)

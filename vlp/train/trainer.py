@@ -27,6 +27,7 @@ from vlp.objectives import build_objectives
 from vlp.train.build import build_accelerator, build_eval_suites, resolve_data
 from vlp.train.checkpointing import restore_run_checkpoint, save_run_checkpoint
 from vlp.train.data_stream import build_batches, gather_data_position, rank_data_position
+from vlp.train.fsdp import shard_model
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.step import (
     Batch,
@@ -67,11 +68,13 @@ class Trainer:
         self.bundle = build_model(cfg.model)
         backend = build_backend(cfg.loss.backend, tile_size=cfg.loss.tile_size)
         self.objective = build_objectives(cfg.objectives, backend=backend)
+        model = DualEncoder(self.bundle.model)
+        if self.accelerator.is_fsdp2:  # before the optimizer sees the parameters
+            shard_model(model, self.accelerator)
         optimizer = build_optimizer(self.bundle.model, cfg.optim)
         self.scheduler = build_scheduler(optimizer, warmup_steps=cfg.optim.warmup_steps,
                                          total_steps=cfg.train.steps)
-        self.model, self.optimizer = self.accelerator.prepare(DualEncoder(self.bundle.model),
-                                                              optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
         self.batches: Iterator[Batch] = iter(())
         self.position: Any = None
