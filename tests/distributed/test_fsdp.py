@@ -20,19 +20,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from vlp.config import CheckpointConfig, ObjectiveSpec
+from vlp.data.cache import prepare_shapesworld
 from vlp.distributed import build_backend
 from vlp.models import DualEncoder, build_model
 from vlp.objectives import build_objectives
+from vlp.train.build import zeroshot_suite
 from vlp.train.checkpointing import restore_run_checkpoint, save_run_checkpoint
 from vlp.train.fsdp import shard_model
 from vlp.train.step import accumulated_backward, apply_update
+from vlp.train.trainer import evaluate_on_ranks
 
 WORLD, ROWS, SAVE_AT, STEPS = 2, 4, 3, 5
 LR = 1e-3
@@ -67,12 +70,19 @@ def as_fsdp2(accelerator: Accelerator) -> None:
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["ResidualAttentionBlock"], reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT")
+    # Both shared states: accelerate re-reads the process state in places (a failed prepare,
+    # checkpoint saving), which would otherwise switch back to DDP mid-test.
     accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP
     assert accelerator.is_fsdp2
 
 
 def build(accelerator: Accelerator, *, shard: bool = True):
     """What `Trainer.__init__` does with the model and optimizer."""
+    # `vlp train` prepares one model per accelerator; this test prepares several in turn, and
+    # accelerate's FSDP clipping looks the model up among all it has prepared.
+    accelerator._models.clear()
+    accelerator._optimizers.clear()
     torch.manual_seed(0)
     bundle = build_model("vlp-tiny")
     model = DualEncoder(bundle.model)
@@ -111,7 +121,7 @@ def save(accelerator, bundle, model, optimizer, run_dir: Path) -> None:
                         files=bundle.spec.checkpoint_files())
 
 
-def rank_main(rank: int, port: int, out: str) -> None:
+def rank_main(rank: int, port: int, out: str, zeroshot: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -122,13 +132,20 @@ def rank_main(rank: int, port: int, out: str) -> None:
         if name == "fsdp":
             as_fsdp2(accelerator)
             results["unsharded_error"] = unsharded_error(accelerator)
-            as_fsdp2(accelerator)  # the failed preparation re-read accelerate's state
+            as_fsdp2(accelerator)
         bundle, model, optimizer = build(accelerator)
         assert isinstance(model, FSDPModule if name == "fsdp" else DistributedDataParallel)
         losses = train(accelerator, bundle, model, optimizer, range(SAVE_AT))
         save(accelerator, bundle, model, optimizer, out_dir / name)
         results[name] = losses + train(accelerator, bundle, model, optimizer,
                                        range(SAVE_AT, STEPS))
+        assert accelerator.is_fsdp2 == (name == "fsdp")
+        results[f"{name}_logit_scale"] = bundle.model.logit_scale.item()
+        if name == "fsdp":  # a sharded forward needs every rank
+            suite = zeroshot_suite({"zeroshot": Path(zeroshot)}, batch_size=16)
+            result = evaluate_on_ranks(accelerator, model, bundle, suite, out_dir / "eval",
+                                       step=STEPS, batch_size=16, model_name="vlp-tiny")
+            results["eval"] = None if result is None else result.flat_metrics("eval")
     bundle, model, optimizer = build(accelerator)
     saved = restore_run_checkpoint(accelerator, out_dir / "fsdp", CheckpointConfig(),
                                    model=model, optimizer=optimizer)
@@ -142,7 +159,11 @@ def rank_main(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(rank_main, args=(free_port(), str(out)), nprocs=WORLD)
+    shapesworld = prepare_shapesworld(
+        out / "cache", {"num_train": 40, "num_eval": 24, "seed": 0, "image_size": 64,
+                        "samples_per_shard": 40}, progress=False)
+    mp.spawn(rank_main, args=(free_port(), str(out), str(shapesworld / "zeroshot")),
+             nprocs=WORLD)
     return out
 
 
@@ -161,10 +182,24 @@ def test_fsdp2_trains_with_the_losses_of_ddp(runs, rank):
     assert got["fsdp"][-1] < got["fsdp"][0]
 
 
+def test_the_temperature_fsdp2_leaves_whole_stays_equal_on_every_rank_and_to_ddps(runs):
+    ranks = [losses(runs, rank) for rank in range(WORLD)]
+    assert len({r["fsdp_logit_scale"] for r in ranks}) == 1
+    assert ranks[0]["fsdp_logit_scale"] == pytest.approx(ranks[0]["ddp_logit_scale"], rel=1e-6)
+
+
 @pytest.mark.parametrize("rank", range(WORLD))
 def test_fsdp2_resumes_from_its_checkpoint_with_the_same_losses(runs, rank):
     got = losses(runs, rank)
     assert got["fsdp_resumed"] == pytest.approx(got["fsdp"][SAVE_AT:], rel=RESUME_RTOL)
+
+
+def test_fsdp2_model_is_evaluated_on_every_rank_and_reported_by_the_first(runs):
+    assert losses(runs, 1)["eval"] is None
+    metrics = losses(runs, 0)["eval"]
+    assert 0.0 <= metrics["eval/zeroshot/acc1"] <= 1.0
+    assert json.loads((runs / "eval" / "zeroshot.json").read_text())["task"] == (
+        "zeroshot_classification")
 
 
 def test_fsdp2_checkpoint_holds_the_full_weights_ddp_saves(runs):

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vlp.config import RunConfig, dump_config
 from vlp.distributed import build_backend
 from vlp.eval.runner import SuiteResult, evaluate_suite
 from vlp.eval.suite import Suite
-from vlp.models import DualEncoder, build_model
+from vlp.models import DualEncoder, ModelBundle, build_model, create_model
 from vlp.objectives import build_objectives
 from vlp.train.build import build_accelerator, build_eval_suites, resolve_data
 from vlp.train.checkpointing import restore_run_checkpoint, save_run_checkpoint
@@ -161,17 +162,14 @@ class Trainer:
                             config_yaml=self.config_yaml, files=spec.checkpoint_files())
 
     def evaluate(self, suite: Suite) -> SuiteResult | None:
-        """Run `suite` on the main process (the others wait, and get None): files go to
-        `<run>/eval/step-NNNNNNNNN/`, metrics to the trackers as `eval/<benchmark>/<metric>`."""
-        step, result = self.state.step, None
-        if self.accelerator.is_main_process:
-            result = evaluate_suite(
-                self.bundle.model, self.bundle.tokenizer, self.bundle.preprocess_val, suite,
-                self.run_dir / "eval" / f"step-{step:09d}", step=step,
-                batch_size=self.cfg.eval.batch_size, model_name=self.cfg.model.name,
-                progress=False)
+        """Run `suite` (see `evaluate_on_ranks`): files go to `<run>/eval/step-NNNNNNNNN/`,
+        metrics to the trackers as `eval/<benchmark>/<metric>`."""
+        step = self.state.step
+        result = evaluate_on_ranks(
+            self.accelerator, self.model, self.bundle, suite, self.run_dir / "eval" / f"step-{step:09d}",
+            step=step, batch_size=self.cfg.eval.batch_size, model_name=self.cfg.model.name)
+        if result is not None:
             self.accelerator.log(result.flat_metrics("eval"), step=step)
-        self.accelerator.wait_for_everyone()
         return result
 
     def num_parameters(self) -> tuple[int, int]:
@@ -179,6 +177,43 @@ class Trainer:
         params = list(self.bundle.model.parameters())
         return (sum(p.numel() for p in params),
                 sum(p.numel() for p in params if p.requires_grad))
+
+
+def evaluate_on_ranks(accelerator: Accelerator, model: torch.nn.Module, bundle: ModelBundle,
+                      suite: Suite, out_dir: Path, *, step: int, batch_size: int,
+                      model_name: str) -> SuiteResult | None:
+    """Run `suite` on the main process while the others wait; returns its result there, None
+    elsewhere. `model` is the prepared model, `bundle.model` the open_clip model inside it.
+
+    Under FSDP2 the suite's `encode_image`/`encode_text` calls cannot run on the sharded model
+    (its root unit is gathered only around `forward`), so every rank takes part in gathering the
+    full weights and the main process evaluates an unsharded copy.
+    """
+    evaluated = bundle.model
+    if accelerator.is_fsdp2:
+        evaluated = unsharded_copy(model, bundle, device=accelerator.device)
+    result = None
+    if accelerator.is_main_process:
+        result = evaluate_suite(evaluated, bundle.tokenizer, bundle.preprocess_val, suite,
+                                out_dir, step=step, batch_size=batch_size,
+                                model_name=model_name, progress=False)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def unsharded_copy(model: torch.nn.Module, bundle: ModelBundle, *,
+                   device: torch.device) -> torch.nn.Module | None:
+    """The open_clip model with the full weights of the sharded `model` (a collective: call it
+    on every rank; the main process gets the copy, the others None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                   cpu_offload=True))
+    if not weights:  # not rank 0
+        return None
+    copy = create_model(bundle.spec)[0]
+    copy.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
+    return copy.to(device)
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:
