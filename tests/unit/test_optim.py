@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vlp.config import OptimConfig
 from vlp.models import build_model
 from vlp.train.optim import build_optimizer, build_scheduler, warmup_cosine
 
@@ -31,7 +32,8 @@ def test_scheduler_applies_peak_lr_after_warmup():
 
 def test_gains_biases_embeddings_and_temperature_are_not_decayed():
     model = build_model("vlp-tiny").model
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.2, beta1=0.9, beta2=0.98,
+                                             eps=1e-6))
     no_decay, decay = opt.param_groups
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.2
     ids = {id(p) for p in no_decay["params"]}

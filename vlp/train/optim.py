@@ -7,6 +7,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from vlp.config import OptimConfig
+
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     """Gains, biases, embeddings and the temperature are not decayed (as open_clip)."""
@@ -21,23 +23,17 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     )
 
 
-def build_optimizer(
-    model: torch.nn.Module,
-    *,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with `cfg.weight_decay` on the decayed group."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if _no_decay(name, param) else decay).append(param)
     groups = [
         {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
+        {"params": decay, "weight_decay": cfg.weight_decay},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
