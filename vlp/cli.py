@@ -4,6 +4,7 @@ command line."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from vlp.config import ConfigError
@@ -15,8 +16,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     from vlp.train.loop import train
+    from vlp.train.nonfinite import NonFiniteLossError
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as err:  # the run failed (exit 1): one line, not a traceback
+        print(f"vlp train: error: {err}", file=sys.stderr)
+        return 1
     if result.stopped_by_signal is not None:
         return 128 + max(result.stopped_by_signal, 0)
     if result.report is not None:
@@ -159,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C before training starts, or a second one during it
+        print(f"vlp {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ from vlp.train.checkpointing import restore_run_checkpoint, save_due, save_run_c
 from vlp.train.data_stream import build_batches, gather_data_position, rank_data_position
 from vlp.train.grad_cache import grad_cache_step
 from vlp.train.metrics import JSONLTracker, plot_loss_curve
-from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.nonfinite import check_finite, finite_to_save
+from vlp.train.optim import apply_optim_settings, build_optimizer, build_scheduler
 from vlp.train.report import write_report
+from vlp.train.run_lock import RunLock
 from vlp.train.signals import StopRequest
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -58,10 +60,6 @@ class RunResult:
     last_metrics: dict[str, float]
     report: Path | None
     stopped_by_signal: int | None = None
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -112,6 +110,11 @@ def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
 
 
 def train(cfg: RunConfig) -> RunResult:
+    with RunLock(cfg.output_dir):  # one run per output_dir (vlp.train.run_lock)
+        return train_locked(cfg)
+
+
+def train_locked(cfg: RunConfig) -> RunResult:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg, run_dir)
@@ -143,15 +146,14 @@ def train(cfg: RunConfig) -> RunResult:
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     window_start, window_samples, metrics = time.perf_counter(), 0, {}
-    stop = StopRequest().install()
+    stop = StopRequest(announce=accelerator.is_main_process).install()
     while state.step < cfg.train.steps:
         step_metrics = train_step(cfg, accelerator, model, objective, optimizer, batches, skipped)
         scheduler.step()
         state.step += 1
         state.samples_seen += step_metrics.pop("samples")
         state.data = skipped.state_dict()
-        check_finite(cfg, state, step_metrics.pop("skipped_step"),
-                     lambda: save(cfg, run_dir, accelerator, model, optimizer, scheduler, state))
+        check_finite(cfg, state, step_metrics.pop("skipped_step"))
         window_samples += step_metrics["samples_per_rank"]
         progress.update(1)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -235,19 +237,6 @@ def step_metrics(accelerator, model, terms: dict[str, float], grad_norm, finite:
     }
 
 
-def check_finite(cfg: RunConfig, state: TrainState, skipped_step: int, save_good) -> None:
-    """Count skipped (non-finite) steps; after too many in a row, save and stop."""
-    state.skipped_steps += skipped_step
-    state.nonfinite_streak = state.nonfinite_streak + 1 if skipped_step else 0
-    if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
-        save_good()  # the weights are still those of the last finite step
-        raise NonFiniteLossError(
-            f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient "
-            f"(up to step {state.step}); the last good state is saved in {cfg.output_dir}. "
-            "Lower optim.lr, raise optim.warmup_steps, or check the data."
-        )
-
-
 def load_eval_suite(cfg: RunConfig, data: DataSources, accelerator: Accelerator) -> Suite | None:
     """Check the suite of `eval.suite` before the first step (a ShapesWorld suite reuses the
     training run's ShapesWorld folder)."""
@@ -288,6 +277,8 @@ def model_info(cfg: RunConfig) -> ModelSpec:
 
 def save(cfg, run_dir, accelerator, model, optimizer, scheduler, state: TrainState) -> None:
     """Checkpoint `state.step` (every rank calls this; see `vlp.train.checkpointing`)."""
+    if not finite_to_save(accelerator, model, step=state.step, run_dir=run_dir):
+        return  # never a checkpoint of non-finite weights (vlp.train.nonfinite)
     state.scheduler = scheduler.state_dict()
     trainer_state = {k: v for k, v in dataclasses.asdict(state).items() if k != "step"}
     trainer_state["data"] = gather_data_position(cfg, accelerator, state.data)
@@ -305,6 +296,8 @@ def restore(cfg, run_dir, accelerator, model, optimizer, scheduler) -> TrainStat
     if saved is None:
         return TrainState()
     scheduler.load_state_dict(saved["scheduler"])
+    apply_optim_settings(optimizer, scheduler, cfg.optim, say=accelerator.print)
+    saved["nonfinite_streak"] = 0  # a fresh streak from saved weights (vlp.train.nonfinite)
     saved["data"] = rank_data_position(cfg, accelerator, saved.get("data"))
     fields = {f.name for f in dataclasses.fields(TrainState)}
     return TrainState(**{k: v for k, v in saved.items() if k in fields})
