@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlp.checkpoint import checkpoint_name
+from vlp.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints
 from vlp.config import RunConfig, TrainConfig
 from vlp.stop_signals import STOP_SIGNALS, ignore_stop_signals
 from vlp.train.loop import TrainState
-from vlp.train.nonfinite import NonFiniteLossError, check_finite, finite_to_save
+from vlp.train.nonfinite import NonFiniteLossError, check_finite, good_to_save
 from vlp.train.signals import StopRequest
 
 
@@ -22,21 +22,37 @@ def test_nonfinite_steps_are_counted_and_a_finite_step_resets_the_streak():
     assert state.skipped_steps == 4 and state.nonfinite_streak == 2
 
 
-def test_too_many_nonfinite_steps_in_a_row_stop_and_name_the_last_good_checkpoint(tmp_path):
-    (tmp_path / checkpoint_name(4)).mkdir()
-    (tmp_path / "latest").write_text(checkpoint_name(4) + "\n")
+def checkpoints(run_dir, *steps):
+    for step in steps:
+        (run_dir / checkpoint_name(step)).mkdir()
+    (run_dir / "latest").write_text(checkpoint_name(steps[-1]) + "\n")
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_and_fall_back_to_the_last_good_checkpoint(
+        tmp_path):
+    checkpoints(tmp_path, 2, 4, 5)  # step 5's weights gave the non-finite loss of step 6
     cfg = RunConfig(output_dir=str(tmp_path), train=TrainConfig(max_nonfinite_steps=2))
     state = TrainState(step=6)
     check_finite(cfg, state, 1)
-    with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps.*nothing saved from them, "
-                       r"the last good checkpoint is .*step-000000004"):
+    state.step = 7
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps .*\(steps 6-7\); nothing "
+                       r"saved from them, the last good checkpoint is .*step-000000004\."):
         check_finite(cfg, state, 1)
+    assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(4)
+    assert (tmp_path / "latest").read_text() == checkpoint_name(4) + "\n"
+    assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(2), checkpoint_name(4)]
+    assert (tmp_path / (checkpoint_name(5) + ".nonfinite")).is_dir()
 
 
-def test_the_nonfinite_stop_says_so_when_there_is_no_checkpoint_yet(tmp_path):
+def test_the_nonfinite_stop_says_so_when_no_good_checkpoint_is_left(tmp_path):
+    checkpoints(tmp_path, 3)
     cfg = RunConfig(output_dir=str(tmp_path), train=TrainConfig(max_nonfinite_steps=1))
-    with pytest.raises(NonFiniteLossError, match="no checkpoint was saved"):
-        check_finite(cfg, TrainState(step=1), 1)
+    with pytest.raises(NonFiniteLossError, match=r"\(step 4\); .*no good checkpoint is left"):
+        check_finite(cfg, TrainState(step=4), 1)
+    assert latest_checkpoint(tmp_path) is None and not (tmp_path / "latest").exists()
+
+
+ONE_CPU = SimpleNamespace(device="cpu", num_processes=1, print=print)  # an Accelerator's part
 
 
 class WithNorm(torch.nn.Module):
@@ -49,12 +65,20 @@ class WithNorm(torch.nn.Module):
 @pytest.mark.parametrize("poison", ["weight", "buffer"])
 def test_weights_or_buffers_that_are_not_finite_are_never_saved(tmp_path, poison, capsys):
     model = WithNorm()
-    accelerator = SimpleNamespace(device="cpu", num_processes=1, print=print)
-    assert finite_to_save(accelerator, model, step=3, run_dir=tmp_path)
+    assert good_to_save(ONE_CPU, model, TrainState(step=3), run_dir=tmp_path)
     with torch.no_grad():
         (model.linear.weight if poison == "weight" else model.norm.running_var)[1] = float("nan")
-    assert not finite_to_save(accelerator, model, step=3, run_dir=tmp_path)
-    assert "not saving the checkpoint of step 3: the weights are not finite" in capsys.readouterr().out
+    assert not good_to_save(ONE_CPU, model, TrainState(step=3), run_dir=tmp_path)
+    assert capsys.readouterr().out == ("not saving the checkpoint of step 3: the weights are not "
+                                       "finite; latest stays unset (no checkpoint yet)\n")
+
+
+def test_nothing_is_saved_while_nonfinite_steps_are_in_a_row(tmp_path, capsys):
+    checkpoints(tmp_path, 4)
+    assert not good_to_save(ONE_CPU, WithNorm(), TrainState(step=6, nonfinite_streak=1),
+                            run_dir=tmp_path)
+    assert capsys.readouterr().out == ("not saving the checkpoint of step 6: the last step was not "
+                                       "finite; latest stays step-000000004\n")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
@@ -104,3 +128,9 @@ def test_data_loader_workers_ignore_the_stop_signals():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_a_mask_buffer_of_minus_infinity_that_is_not_saved_does_not_count(tmp_path):
+    model = WithNorm()
+    model.register_buffer("attn_mask", torch.full((2, 2), float("-inf")), persistent=False)
+    assert good_to_save(ONE_CPU, model, TrainState(step=1), run_dir=tmp_path)

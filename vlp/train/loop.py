@@ -30,7 +30,7 @@ from vlp.train.checkpointing import restore_run_checkpoint, save_due, save_run_c
 from vlp.train.data_stream import build_batches, gather_data_position, rank_data_position
 from vlp.train.grad_cache import grad_cache_step
 from vlp.train.metrics import JSONLTracker, plot_loss_curve
-from vlp.train.nonfinite import check_finite, finite_to_save
+from vlp.train.nonfinite import check_finite, good_to_save
 from vlp.train.optim import apply_optim_settings, build_optimizer, build_scheduler
 from vlp.train.report import write_report
 from vlp.train.run_lock import RunLock
@@ -277,8 +277,8 @@ def model_info(cfg: RunConfig) -> ModelSpec:
 
 def save(cfg, run_dir, accelerator, model, optimizer, scheduler, state: TrainState) -> None:
     """Checkpoint `state.step` (every rank calls this; see `vlp.train.checkpointing`)."""
-    if not finite_to_save(accelerator, model, step=state.step, run_dir=run_dir):
-        return  # never a checkpoint of non-finite weights (vlp.train.nonfinite)
+    if not good_to_save(accelerator, model, state, run_dir=run_dir):
+        return  # never a checkpoint of failed weights (vlp.train.nonfinite)
     state.scheduler = scheduler.state_dict()
     trainer_state = {k: v for k, v in dataclasses.asdict(state).items() if k != "step"}
     trainer_state["data"] = gather_data_position(cfg, accelerator, state.data)
