@@ -102,6 +102,25 @@ def test_a_signal_to_the_process_group_saves_a_checkpoint_that_resumes(tmp_path,
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")][-1] == step + 1
 
 
+def test_a_second_ctrl_c_exits_at_once_with_one_line(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, cache, "train.steps=100000", "checkpoint.every=100000")
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while logged_steps(run_dir) < 1:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # before the step ends (steps take longer)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "stopping after this step; Ctrl-C again to exit now" in err
+    assert "\nvlp train: interrupted\n" in err, err[-3000:]
+    assert "Traceback" not in err and "stopped by signal" not in out + err
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused_with_one_line(tmp_path, cache):
     run_dir = tmp_path / "run"
     with RunLock(run_dir):  # this test process plays the first run

@@ -99,7 +99,7 @@ def test_the_first_ctrl_c_asks_to_stop_and_a_second_one_exits_at_once(capfd):
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
-        assert capfd.readouterr().err == "stopping after this step; Ctrl-C again to exit now\n"
+        assert capfd.readouterr().err == "\nstopping after this step; Ctrl-C again to exit now\n"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

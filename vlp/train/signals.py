@@ -45,9 +45,10 @@ class StopRequest:
             self._say(_announcement(signum))
 
     def _say(self, line: str) -> None:
-        # os.write, not print: the handler may interrupt a print to the same stream.
+        # os.write, not print: the handler may interrupt a print to the same stream. The
+        # leading newline ends a progress bar's line, which would otherwise overwrite this one.
         if self.announce:
-            os.write(2, (line + "\n").encode())
+            os.write(2, ("\n" + line + "\n").encode())
 
     def requested(self, accelerator: Accelerator) -> bool:
         """True on every rank if any rank has received a stop signal."""
