@@ -154,7 +154,8 @@ def test_a_diverging_run_falls_back_to_the_last_good_checkpoint(tmp_path, cache)
     (error,) = [line for line in diverged.stderr.splitlines() if "vlp train: error" in line]
     assert error.split("vlp train: error: ")[1].startswith(
         "3 consecutive steps had a non-finite loss or gradient (steps 6-8); nothing saved from "
-        f"them, the last good checkpoint is {run_dir / 'step-000000004'}.")
+        f"them, the last good checkpoint is {run_dir / 'step-000000004'} (step-000000005."
+        "nonfinite: its weights gave step 6).")
     assert "Traceback" not in diverged.stderr
     assert latest_checkpoint(run_dir) == run_dir / "step-000000004"
     assert (run_dir / "step-000000005.nonfinite").is_dir()  # set aside, not resumed from

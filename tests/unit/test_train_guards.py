@@ -36,12 +36,22 @@ def test_too_many_nonfinite_steps_in_a_row_stop_and_fall_back_to_the_last_good_c
     check_finite(cfg, state, 1)
     state.step = 7
     with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps .*\(steps 6-7\); nothing "
-                       r"saved from them, the last good checkpoint is .*step-000000004\."):
+                       r"saved from them, the last good checkpoint is .*step-000000004 \(step-000000005"
+                       r"\.nonfinite: its weights gave step 6\)\."):
         check_finite(cfg, state, 1)
     assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(4)
     assert (tmp_path / "latest").read_text() == checkpoint_name(4) + "\n"
     assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(2), checkpoint_name(4)]
     assert (tmp_path / (checkpoint_name(5) + ".nonfinite")).is_dir()
+
+
+def test_a_second_fall_back_keeps_the_first_set_aside_checkpoint(tmp_path):
+    checkpoints(tmp_path, 4, 5)
+    (tmp_path / (checkpoint_name(5) + ".nonfinite")).mkdir()  # an earlier divergence
+    cfg = RunConfig(output_dir=str(tmp_path), train=TrainConfig(max_nonfinite_steps=1))
+    with pytest.raises(NonFiniteLossError, match=r"step-000000005\.nonfinite2: its weights"):
+        check_finite(cfg, TrainState(step=6), 1)
+    assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(4)
 
 
 def test_the_nonfinite_stop_says_so_when_no_good_checkpoint_is_left(tmp_path):

@@ -47,11 +47,12 @@ def check_finite(cfg: Any, state: Any, skipped_step: int) -> None:
         return
     first_bad = state.step - state.nonfinite_streak + 1
     run_dir = Path(cfg.output_dir)
+    kept = f"{run_dir / LATEST} names the last good checkpoint"
     if is_main_rank():
-        good = fall_back_before(run_dir, first_bad)
+        good, set_aside = fall_back_before(run_dir, first_bad)
         kept = f"the last good checkpoint is {good}" if good else "no good checkpoint is left"
-    else:
-        kept = f"{run_dir / LATEST} names the last good checkpoint"
+        if set_aside is not None:
+            kept += f" ({set_aside.name}: its weights gave step {first_bad})"
     steps = f"step {first_bad}" if first_bad == state.step else f"steps {first_bad}-{state.step}"
     raise NonFiniteLossError(
         f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient "
@@ -59,22 +60,27 @@ def check_finite(cfg: Any, state: Any, skipped_step: int) -> None:
         "optim.warmup_steps, or check the data; then run again to resume from it.")
 
 
-def fall_back_before(run_dir: Path, first_bad: int) -> Path | None:
+def fall_back_before(run_dir: Path, first_bad: int) -> tuple[Path | None, Path | None]:
     """Set aside the checkpoint of step `first_bad - 1` (its weights produced the first bad
-    step) and point `latest` at the newest checkpoint before it; return that (main process)."""
-    failed = run_dir / checkpoint_name(first_bad - 1)
+    step) and point `latest` at the newest checkpoint before it (main process). Return that
+    checkpoint and where the failed one went (None: none, or nothing was set aside)."""
+    failed, set_aside = run_dir / checkpoint_name(first_bad - 1), None
     if failed.is_dir():
-        os.replace(failed, failed.with_name(failed.name + SET_ASIDE_SUFFIX))
+        set_aside = failed.with_name(failed.name + SET_ASIDE_SUFFIX)
+        n = 1
+        while set_aside.exists():
+            n += 1
+            set_aside = failed.with_name(f"{failed.name}{SET_ASIDE_SUFFIX}{n}")
+        os.replace(failed, set_aside)
     earlier = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) < first_bad - 1]
     pointer = run_dir / LATEST
     if not earlier:
         pointer.unlink(missing_ok=True)
-        return None
-    if not pointer.is_file() or pointer.read_text().strip() != earlier[-1].name:
-        tmp = pointer.with_name(LATEST + ".tmp")
-        tmp.write_text(earlier[-1].name + "\n")
-        os.replace(tmp, pointer)
-    return earlier[-1]
+        return None, set_aside
+    tmp = pointer.with_name(LATEST + ".tmp")
+    tmp.write_text(earlier[-1].name + "\n")
+    os.replace(tmp, pointer)
+    return earlier[-1], set_aside
 
 
 def weights_are_finite(tensors: Iterable[torch.Tensor]) -> bool:
