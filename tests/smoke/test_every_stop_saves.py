@@ -133,6 +133,22 @@ def test_a_second_run_on_a_folder_in_use_is_refused_with_one_line(tmp_path, cach
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing else touched
 
 
+def test_a_run_folder_whose_metrics_end_in_a_torn_line_resumes_and_repairs_it(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    first = run(train_args(run_dir, cache, "train.steps=2", "checkpoint.every=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 4.1, "lo')  # the disk filled up mid-line
+
+    second = run(train_args(run_dir, cache, "train.steps=3", "checkpoint.every=3"))
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "removed a torn last line" in second.stderr
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert (run_dir / "loss_curve.png").stat().st_size > 1000
+
+
 def weights_finite(ckpt: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
 
