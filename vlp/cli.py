@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except NonFiniteLossError as err:  # the run failed (exit 1): one line, not a traceback
-        print(f"vlp train: error: {err}", file=sys.stderr)
+        print(f"\nvlp train: error: {err}", file=sys.stderr)  # below the progress bar
         return 1
     if result.stopped_by_signal is not None:
         return 128 + max(result.stopped_by_signal, 0)

@@ -168,9 +168,9 @@ def test_a_diverging_run_falls_back_to_the_last_good_checkpoint(tmp_path, cache)
     out = diverged.stdout + diverged.stderr
     assert "not saving the checkpoint of step 6: the last step was not finite" in out
     (error,) = [line for line in diverged.stderr.splitlines() if "vlp train: error" in line]
-    assert error.split("vlp train: error: ")[1].startswith(
-        "3 consecutive steps had a non-finite loss or gradient (steps 6-8); nothing saved from "
-        f"them, the last good checkpoint is {run_dir / 'step-000000004'} (step-000000005."
+    assert error.startswith(
+        "vlp train: error: 3 consecutive steps had a non-finite loss or gradient (steps 6-8); "
+        f"nothing saved from them, the last good checkpoint is {run_dir / 'step-000000004'} (step-000000005."
         "nonfinite: its weights gave step 6).")
     assert "Traceback" not in diverged.stderr
     assert latest_checkpoint(run_dir) == run_dir / "step-000000004"
