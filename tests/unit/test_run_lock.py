@@ -37,11 +37,14 @@ def test_a_lock_file_left_by_a_dead_run_does_not_block(tmp_path):
 
 def test_a_killed_run_frees_the_folder_even_while_its_forked_workers_live(tmp_path):
     lock = RunLock(tmp_path).acquire()
+    started, ready = os.pipe()
     child = os.fork()
     if child == 0:  # a DataLoader worker, say: outlives its parent for a moment
+        os.write(ready, b"1")  # it runs: the fork hooks are done
         time.sleep(3)
         os._exit(0)
     try:
+        assert os.read(started, 1) == b"1"
         os.close(lock.fd)  # what the parent's death does, without unlocking first
         lock.fd = None
         with RunLock(tmp_path):
@@ -49,6 +52,8 @@ def test_a_killed_run_frees_the_folder_even_while_its_forked_workers_live(tmp_pa
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
 
 
 def test_only_the_main_rank_takes_the_lock(tmp_path, monkeypatch):
