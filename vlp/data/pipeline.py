@@ -31,6 +31,7 @@ from vlp.data.limits import DEFAULT_LIMITS, SampleLimits, read_caption, read_ima
 from vlp.data.sources import HFSource, ShardSource, Stream
 from vlp.data.sources import expand_shards as expand_shards  # re-exported
 from vlp.data.tar_reader import DAMAGE, IMAGE_EXTENSIONS
+from vlp.stop_signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def build_train_loader(
         prefetch_factor=4 if num_workers > 0 else None,
         # workers' seeds come from here, not from the global RNG a resume restores
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,  # the main process stops them (vlp.stop_signals)
     )
 
 

@@ -29,6 +29,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vlp.stop_signals import ignore_stop_signals
+
 CLASSIFICATION = "classification"
 RETRIEVAL = "retrieval"
 DATASET_TYPES = (CLASSIFICATION, RETRIEVAL)
@@ -141,7 +143,8 @@ def iter_batches(
         .batched(batch_size, collation_fn=collate, partial=True)
     )
     num_workers = min(num_workers, len(benchmark.shard_paths))
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)
     num_batches = 0
     for batch in loader:
         num_batches += 1

@@ -25,6 +25,7 @@ from vlp.eval.zeroshot import (
     encode_texts,
     eval_mode,
 )
+from vlp.stop_signals import ignore_stop_signals
 
 Box = tuple[float, float, float, float]
 """`(x, y, w, h)` in pixels, ARO's `bbox_x, bbox_y, bbox_w, bbox_h`."""
@@ -88,7 +89,7 @@ def embed_images(
     decoded, cropped and preprocessed by `num_workers` DataLoader workers."""
     unique = list(dict.fromkeys(refs))
     loader = DataLoader(_ImageFiles(unique, preprocess), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+                        num_workers=num_workers, worker_init_fn=ignore_stop_signals)
     chunks = []
     with eval_mode(model):
         for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):

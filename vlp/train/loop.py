@@ -18,14 +18,17 @@ from tqdm.auto import tqdm
 from vlp.config import RunConfig
 from vlp.train.checkpointing import save_due
 from vlp.train.checks import check_config
+from vlp.train.nonfinite import NonFiniteLossError, check_finite
 from vlp.train.report import end_summary, start_banner, write_run_report
+from vlp.train.run_lock import RunLock
 from vlp.train.signals import StopRequest
 from vlp.train.trainer import Trainer, TrainState
 
 __all__ = ["NonFiniteLossError", "RunResult", "TrainState", "check_finite", "train"]
 
 STOP_CHECK_EVERY = 10
-"""Steps between checks for a stop signal (an all-reduce); log and checkpoint steps check too."""
+"""Steps between checks for a stop signal when ranks must agree on it (an all-reduce); log and
+checkpoint steps check too, and a single process checks after every step."""
 
 
 @dataclass
@@ -37,12 +40,13 @@ class RunResult:
     stopped_by_signal: int | None = None
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
-
-
 def train(cfg: RunConfig) -> RunResult:
     check_config(cfg)  # what the config alone cannot know: registries, model, weights files
+    with RunLock(cfg.output_dir):  # one run per output_dir (vlp.train.run_lock)
+        return run(cfg)
+
+
+def run(cfg: RunConfig) -> RunResult:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -53,27 +57,31 @@ def train(cfg: RunConfig) -> RunResult:
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     metrics: dict[str, float] = {}
-    stop, stopping = StopRequest().install(), False
-    while state.step < cfg.train.steps and not stopping:
-        result = trainer.step()
-        check_finite(cfg, state, int(result.skipped), trainer.save)
-        progress.update(1)
-        last = state.step == cfg.train.steps
-        logging = state.step % cfg.train.log_every == 0 or last
-        if logging:
-            metrics = trainer.log(result)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-        saving = save_due(cfg.checkpoint, state.step, last=last)
-        if logging or saving or state.step % STOP_CHECK_EVERY == 0:
-            stopping = stop.requested(accelerator)
-        if stopping or saving:
-            trainer.save()
-        if suites.periodic is not None and eval_due(cfg, state.step) and not last:
-            trainer.evaluate(suites.periodic)
-    stop.uninstall()
-    progress.close()
+    stop, stopping, saved = StopRequest(announce=accelerator.is_main_process).install(), False, False
+    try:
+        while state.step < cfg.train.steps and not stopping:
+            result = trainer.step()
+            check_finite(cfg, state, int(result.failed))  # raises after too many in a row
+            progress.update(1)
+            last = state.step == cfg.train.steps
+            logging = state.step % cfg.train.log_every == 0 or last
+            if logging:
+                metrics = trainer.log(result)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            saving = save_due(cfg.checkpoint, state.step, last=last)
+            if (logging or saving or state.step % STOP_CHECK_EVERY == 0
+                    or accelerator.num_processes == 1):  # alone, a check costs nothing
+                stopping = stop.requested(accelerator)
+            if stopping or saving:
+                saved = trainer.save()
+            if suites.periodic is not None and eval_due(cfg, state.step) and not last:
+                trainer.evaluate(suites.periodic)
+    finally:
+        stop.uninstall()
+        progress.close()
     if state.step < cfg.train.steps:
-        accelerator.print(f"stopped by signal at step {state.step}; checkpoint saved in {run_dir}")
+        where = f"checkpoint saved in {run_dir}" if saved else "no checkpoint saved"
+        accelerator.print(f"stopped by signal at step {state.step}; {where}")
         accelerator.end_training()
         return RunResult(run_dir, state.step, metrics, None, stopped_by_signal=stop.signum or 0)
 
@@ -87,16 +95,3 @@ def train(cfg: RunConfig) -> RunResult:
 
 def eval_due(cfg: RunConfig, step: int) -> bool:
     return cfg.eval.every > 0 and step % cfg.eval.every == 0
-
-
-def check_finite(cfg: RunConfig, state: TrainState, skipped_step: int, save_good) -> None:
-    """Count skipped (non-finite) steps; after too many in a row, save and stop."""
-    state.skipped_steps += skipped_step
-    state.nonfinite_streak = state.nonfinite_streak + 1 if skipped_step else 0
-    if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
-        save_good()  # the weights are still those of the last finite step
-        raise NonFiniteLossError(
-            f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient "
-            f"(up to step {state.step}); the last good state is saved in {cfg.output_dir}. "
-            "Lower optim.lr, raise optim.warmup_steps, or check the data."
-        )

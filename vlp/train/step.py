@@ -44,6 +44,10 @@ class StepResult:
     """The global gradient norm before clipping, on the device."""
     skipped: bool
     """The update was not applied (a non-finite loss or gradient, or an fp16 overflow)."""
+    failed: bool
+    """Skipped because the loss or gradient was not finite. Under fp16 an overflow with a finite
+    loss is the grad scaler calibrating its scale, which is not a failure: the non-finite guard
+    (`vlp.train.nonfinite`) counts failed steps only."""
     samples: int
     """Rows this rank trained on in this step."""
     skipped_samples: int

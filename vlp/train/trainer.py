@@ -29,7 +29,8 @@ from vlp.train.build import build_accelerator, build_eval_suites, resolve_data
 from vlp.train.checkpointing import restore_run_checkpoint, save_run_checkpoint
 from vlp.train.data_stream import build_batches, gather_data_position, rank_data_position
 from vlp.train.fsdp import shard_model
-from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.nonfinite import good_to_save
+from vlp.train.optim import apply_optim_settings, build_optimizer, build_scheduler
 from vlp.train.step import (
     Batch,
     StepResult,
@@ -90,6 +91,8 @@ class Trainer:
                                        model=self.model, optimizer=self.optimizer)
         if saved is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
+            apply_optim_settings(self.optimizer, self.scheduler, cfg.optim, say=accelerator.print)
+            saved["nonfinite_streak"] = 0  # a fresh streak from good weights (vlp.train.nonfinite)
             saved["data"] = rank_data_position(cfg, accelerator, saved.get("data"))
             fields = {f.name for f in dataclasses.fields(TrainState)}
             self.state = TrainState(**{k: v for k, v in saved.items() if k in fields})
@@ -111,12 +114,15 @@ class Trainer:
                                          num_micro_batches=train.grad_accum)
         grad_norm, skipped = apply_update(accelerator, self.model, self.optimizer,
                                           loss=terms["loss"], grad_clip=self.cfg.optim.grad_clip)
+        failed = skipped and (accelerator.scaler is None
+                              or not bool(torch.isfinite(terms["loss"])))  # syncs when skipped
         clamp_logit_scale(self.bundle.model)
         self.scheduler.step()
         self.state.step += 1
         self.state.samples_seen += self._step_samples * accelerator.num_processes
         self._window_samples += self._step_samples
-        return StepResult(terms, grad_norm, skipped, self._step_samples, self._skipped_samples)
+        return StepResult(terms, grad_norm, skipped, failed, self._step_samples,
+                          self._skipped_samples)
 
     def _micro_batches(self) -> Iterator[Batch]:
         for _ in range(self.cfg.train.grad_accum):
@@ -148,9 +154,12 @@ class Trainer:
         self._window_start, self._window_samples = time.perf_counter(), 0
         return metrics
 
-    def save(self) -> None:
-        """Checkpoint `state.step` (every rank calls this; see `vlp.train.checkpointing`)."""
+    def save(self) -> bool:
+        """Checkpoint `state.step` (every rank calls this; see `vlp.train.checkpointing`);
+        False when the non-finite guard refuses to (`vlp.train.nonfinite.good_to_save`)."""
         state, accelerator = self.state, self.accelerator
+        if not good_to_save(accelerator, self.model, state, run_dir=self.run_dir):
+            return False
         state.scheduler = self.scheduler.state_dict()
         state.data = self.position.state_dict()
         trainer_state = {k: v for k, v in dataclasses.asdict(state).items() if k != "step"}
@@ -160,6 +169,7 @@ class Trainer:
                             model=self.model, optimizer=self.optimizer,
                             trainer_state=trainer_state, model_info=spec.model_info(),
                             config_yaml=self.config_yaml, files=spec.checkpoint_files())
+        return True
 
     def evaluate(self, suite: Suite) -> SuiteResult | None:
         """Run `suite` (see `evaluate_on_ranks`): files go to `<run>/eval/step-NNNNNNNNN/`,
