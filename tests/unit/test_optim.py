@@ -45,7 +45,8 @@ def test_gains_biases_embeddings_and_temperature_are_not_decayed():
 
 def _trained_for(steps: int, *, lr: float, weight_decay: float, beta2: float = 0.98):
     model = torch.nn.Linear(4, 4)  # weight: decayed; bias: not
-    opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, beta2), eps=1e-6)
+    opt = build_optimizer(model, OptimConfig(lr=lr, weight_decay=weight_decay, beta1=0.9,
+                                             beta2=beta2, eps=1e-6))
     sched = build_scheduler(opt, warmup_steps=2, total_steps=10)
     for _ in range(steps):
         model(torch.randn(3, 4)).sum().backward()
@@ -57,8 +58,7 @@ def _trained_for(steps: int, *, lr: float, weight_decay: float, beta2: float = 0
 def _resumed(opt, sched, cfg: OptimConfig):
     """A new run's optimizer and scheduler (from `cfg`) restored from `opt` and `sched`."""
     model = torch.nn.Linear(4, 4)
-    new_opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    new_opt = build_optimizer(model, cfg)
     new_sched = build_scheduler(new_opt, warmup_steps=2, total_steps=10)
     new_opt.load_state_dict(opt.state_dict())
     new_sched.load_state_dict(sched.state_dict())
