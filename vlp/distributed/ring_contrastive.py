@@ -24,10 +24,10 @@ backward (softmax); the sigmoid keeps its finished (b, D) gradients instead.
 
 Precision: tiles are computed and reduced in float32 (float64 for float64 features): the
 operands are upcast once per block, so with bf16/fp16 features the loss is the float32 loss of
-the rounded features, not one of similarities rounded to half precision (bf16 rounds x·y by up to 2⁻⁹,
-so logits at scale 100 by up to 0.2). The positive logits s·x_i·y_i are read from the very tiles the LSEs come from, so
-LSE ≥ positive holds exactly and the softmax loss is never negative from rounding. Features
-travel the ring in their own dtype.
+the rounded features, not one of similarities rounded to half precision (bf16 rounds x·y by up
+to 2⁻⁹, so logits at scale 100 by up to 0.2). The positive logits s·x_i·y_i are read from the
+very tiles the LSEs come from, so LSE ≥ positive holds exactly and the softmax loss is never
+negative from rounding. Features travel the ring in their own dtype.
 
 Gradient semantics (both losses). L is the loss on the global batch. Every rank returns the
 value of L. Backward on rank r yields W·dL/dx_r, W·dL/dy_r, W·dL/dn_r for its own features
