@@ -100,17 +100,16 @@ def _zeros(like: Tensor, dtype: torch.dtype, shape: Sequence[int] = ()) -> Tenso
 
 
 class _TileBuffers:
-    """Three reusable (t, t) scratch tiles, so a block's tiles allocate nothing.
+    """Three reusable scratch tiles (at most t × t), so a block's tiles allocate nothing.
 
     Fresh tile-sized tensors cost page faults on CPU (glibc maps blocks this large anew each
     time) and allocator traffic on GPU; views of one flat buffer stay contiguous whatever the
     tile's shape.
     """
 
-    def __init__(self, like: Tensor, tile_size: int, dtype: torch.dtype) -> None:
-        self._flat = [
-            torch.empty(tile_size * tile_size, dtype=dtype, device=like.device) for _ in range(3)
-        ]
+    def __init__(self, rows: Tensor, columns: Tensor, tile_size: int, dtype: torch.dtype) -> None:
+        numel = min(tile_size, rows.shape[0]) * min(tile_size, columns.shape[0])
+        self._flat = [torch.empty(numel, dtype=dtype, device=rows.device) for _ in range(3)]
 
     def logits(self, rows: Tensor, columns: Tensor, bias: Tensor | None = None) -> Tensor:
         """rows·columnsᵀ (+ bias) into the first buffer; operands already in float32+."""
@@ -186,7 +185,7 @@ def _block_lse(
     the diagonal logits are copied into it from the very tiles the LSEs come from, so that
     LSE ≥ positive holds exactly and the loss is never negative from rounding.
     """
-    buffers = _TileBuffers(xs, tile_size, row_lse.dtype)
+    buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     col_lse = xs.new_full((columns.shape[0],), float("-inf"), dtype=row_lse.dtype)
     for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
@@ -218,7 +217,7 @@ def _block_softmax_grads(
     caller multiplies by the incoming gradient and the scale afterwards (once per block, not
     once per tile), and gets the scale's gradient from Σ x ⊙ dx.
     """
-    buffers = _TileBuffers(xs, tile_size, row_lse.dtype)
+    buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     dcols = _zeros(x, row_lse.dtype, columns.shape)
     for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
@@ -247,7 +246,7 @@ def _block_sigmoid(
     multiplies by the scale, and gets the scale's gradient from Σ x ⊙ dx), or None when
     gradients are not asked for.
     """
-    buffers = _TileBuffers(xs, tile_size, loss.dtype)
+    buffers = _TileBuffers(xs, columns, tile_size, loss.dtype)
     dcols = None if grads is None else _zeros(x, loss.dtype, columns.shape)
     for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
