@@ -14,8 +14,8 @@ and exits non-zero if a check failed:
   vs `SigLipLoss`, forward + backward at growing global batches up to the largest that fits
   (open_clip's out-of-memory is reported, the ring goes on): the loss values must agree, and
   the row gives peak memory (CUDA: max_memory_allocated; CPU: resident-set high-water mark)
-  and time, with the ratios open_clip ÷ vlp (> 1: vlp uses less / is faster). Times are the
-  median of back-to-back pairs whose order alternates.
+  and time (wall on a GPU, CPU time on CPU), with the ratios open_clip ÷ vlp (> 1: vlp uses
+  less / is faster). Times are the median of back-to-back pairs whose order alternates.
 - `vlp train` vs `python -m open_clip_train.main` samples/s on the same model and shards,
   through benchmarks/train_throughput.py (per-pair ratios; ViT-B-32 at 224 px on a GPU).
 - NCCL initialisation with one process, and one all_reduce (skipped without CUDA).
@@ -203,12 +203,18 @@ def _peak_mib(fn: Callable, inputs: list[torch.Tensor]) -> tuple[float, float]:
     return loss.item(), peak
 
 
+def _clock() -> Callable[[], float]:
+    """Wall clock on a GPU; on CPU this process's CPU time, which other jobs disturb less."""
+    return time.perf_counter if torch.cuda.is_available() else time.process_time
+
+
 def _seconds(fn: Callable, inputs: list[torch.Tensor]) -> float:
+    clock = _clock()
     _sync()
-    start = time.perf_counter()
+    start = clock()
     fn(*inputs).backward()
     _sync()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -254,12 +260,14 @@ def _loss_row(kind: str, setting: str, values: dict, peaks: dict, times: dict) -
     vlp_s = statistics.median(times["vlp"])
     if "open_clip" not in values:
         return Row(f"tiled {kind} loss vs open_clip", setting,
-                   f"vlp {peaks['vlp']:.0f} MiB, {vlp_s * 1e3:.1f} ms; open_clip: out of memory",
+                   f"vlp {peaks['vlp']:.0f} MiB, {vlp_s * 1e3:.1f} ms; open_clip: out of memory; "
+                   "loss difference: not compared",
                    "ok")
     ratios = [o / v for v, o in zip(times["vlp"], times["open_clip"], strict=True)]
     difference = abs(values["vlp"] - values["open_clip"])
+    what = "time" if torch.cuda.is_available() else "CPU time"
     result = (f"memory {peaks['vlp']:.0f} vs {peaks['open_clip']:.0f} MiB "
-              f"(open_clip ÷ vlp {peaks['open_clip'] / max(peaks['vlp'], 1e-3):.2f}); time "
+              f"(open_clip ÷ vlp {peaks['open_clip'] / max(peaks['vlp'], 1e-3):.2f}); {what} "
               f"{vlp_s * 1e3:.1f} vs {statistics.median(times['open_clip']) * 1e3:.1f} ms "
               f"(open_clip ÷ vlp {statistics.median(ratios):.2f}, pairs "
               f"{min(ratios):.2f}–{max(ratios):.2f}); loss difference {difference:.1e}")
