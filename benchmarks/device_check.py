@@ -1,7 +1,7 @@
 """One-GPU device check: mixed precision, the tiled loss against open_clip, training speed, NCCL.
 
-    python benchmarks/device_check.py            # on a GPU machine: about 5–8 minutes
-    python benchmarks/device_check.py --tiny     # tiny sizes on CPU, under a minute when idle
+    python benchmarks/device_check.py            # one GPU; sized for <= 8 minutes, not yet timed
+    python benchmarks/device_check.py --tiny     # tiny sizes on CPU (4–6 min on a busy 2-core box)
 
 Prints one Markdown table, a row per check, each with its status (ok / FAIL / skipped and why),
 and exits non-zero if a check failed:
