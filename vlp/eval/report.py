@@ -83,7 +83,7 @@ def _fmt(value: float | None) -> str:
     if value is None:
         return "—"
     if math.isnan(value):
-        return "n/a"
+        return "n/a"  # e.g. acc5 with fewer than five classes, NaN as in CLIP_benchmark
     return f"{value:.4f}"
 
 

@@ -5,8 +5,9 @@ re-normalised; an image's logits are `100 * image_features @ classifier`. Metric
 definitions are those of `clip_benchmark.metrics.zeroshot_classification` so that numbers can be
 compared with published ones: `acc1` and `acc5` are top-k accuracies with ties ordered by
 `torch.topk`, and `mean_per_class_recall` is sklearn's balanced accuracy of the argmax, i.e. the
-mean recall over the classes that occur among the targets. One deliberate difference: with fewer
-than five classes CLIP_benchmark reports `acc5` as NaN, vlp as top-(number of classes) accuracy.
+mean recall over the classes that occur among the targets. With fewer than five classes `acc5`
+is NaN, as in CLIP_benchmark (a top-C accuracy would always be 1.0); result JSONs write it as
+null and reports print it as "n/a (< 5 classes)".
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class ZeroShotPredictions:
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """`acc1`, `acc5` (top-min(5, C)) and `mean_per_class_recall` of logits (N, C), targets (N,)."""
+    """`acc1`, `acc5` and `mean_per_class_recall` of logits (N, C), targets (N,); `acc5` is NaN
+    when C < 5, as CLIP_benchmark reports it."""
     num_samples, num_classes = logits.shape
     if num_samples == 0:
         raise ValueError("no samples to score")
@@ -139,7 +141,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
         acc1, acc5 = topk_accuracy(logits, targets, ks=(1, 5))
     else:
         (acc1,) = topk_accuracy(logits, targets, ks=(1,))
-        (acc5,) = topk_accuracy(logits, targets, ks=(num_classes,))
+        acc5 = float("nan")
     recall = mean_per_class_recall(logits.argmax(dim=1), targets)
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": recall}
 
