@@ -172,8 +172,9 @@ def _gap(ctx: EvalContext, data: Path, o: GapOptions, plot_dir: Path) -> Benchma
 
 _SUGARCREPE_BARS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att",
                     "add_obj", "add_att", "replace", "swap", "add")
-_ORDER_BARS = ("precision@1", "pairwise_shuffle_nouns_and_adj", "pairwise_shuffle_allbut_nouns_and_adj",
-               "pairwise_shuffle_within_trigrams", "pairwise_shuffle_trigrams")
+_ORDER_BARS = ("precision@1", "strict_precision@1", "strict_pairwise_shuffle_nouns_and_adj",
+               "strict_pairwise_shuffle_allbut_nouns_and_adj",
+               "strict_pairwise_shuffle_within_trigrams", "strict_pairwise_shuffle_trigrams")
 
 TASKS: dict[str, Task] = {
     "zeroshot": Task("zeroshot_classification", ZeroShotOptions, _zeroshot, "acc1"),
