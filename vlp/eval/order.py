@@ -21,14 +21,13 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from vlp.eval.benchmark_data import RETRIEVAL, iter_batches, read_benchmark
-from vlp.eval.embedding import embed_texts
+from vlp.eval.benchmark_data import RETRIEVAL, read_benchmark
+from vlp.eval.embedding import embed_texts, root_embeddings
 from vlp.eval.perturbations import PERTURBATIONS, OrderCase, make_aro_case, make_order_case
 from vlp.eval.results import BenchmarkResult
 from vlp.eval.tagging import build_tagger
-from vlp.eval.zeroshot import Device, DualEncoder, Preprocess, Tokenizer, encode_images, eval_mode
+from vlp.eval.zeroshot import Device, DualEncoder, Preprocess, Tokenizer
 
 
 def strict_order_metrics(true_scores: torch.Tensor, negative_scores: torch.Tensor
@@ -74,29 +73,24 @@ def evaluate_order(
     if captions_per_image is not None and captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1 or None, got {captions_per_image}")
     tag, tagger_name = build_tagger(tagger)
-    image_features, aro, strict = [], _Cases(), _Cases()
-    skipped, num_images = 0, 0
-    batches = iter_batches(benchmark, preprocess, batch_size=batch_size, num_workers=num_workers)
-    with eval_mode(model):
-        for images, captions in tqdm(batches, desc="order images", unit="batch",
-                                     disable=not progress):
-            image_features.append(encode_images(model, images, device=device).cpu())
-            for image_captions in captions:
-                for k, caption in enumerate(image_captions[:captions_per_image]):
-                    rng = random.Random(f"aro-order-aro-protocol/{seed}/{num_images}/{k}")
-                    aro.add(make_aro_case(caption, tag, rng, max_words=max_words), num_images)
-                    rng = random.Random(f"aro-order/{seed}/{num_images}/{k}")
-                    case = make_order_case(caption, tag, rng, max_words=max_words)
-                    if case is None:
-                        skipped += 1
-                    else:
-                        strict.add(case, num_images)
-                num_images += 1
+    images, captions = root_embeddings(model, preprocess, benchmark, device=device,
+                                       batch_size=batch_size, num_workers=num_workers,
+                                       progress=progress, desc="order images")
+    aro, strict, skipped = _Cases(), _Cases(), 0
+    for image, image_captions in enumerate(captions):
+        for k, caption in enumerate(image_captions[:captions_per_image]):
+            rng = random.Random(f"aro-order-aro-protocol/{seed}/{image}/{k}")
+            aro.add(make_aro_case(caption, tag, rng, max_words=max_words), image)
+            rng = random.Random(f"aro-order/{seed}/{image}/{k}")
+            case = make_order_case(caption, tag, rng, max_words=max_words)
+            if case is None:
+                skipped += 1
+            else:
+                strict.add(case, image)
     if not strict.cases:
         raise ValueError(f"{root}: no caption with two different words to perturb")
     texts = embed_texts(model, tokenizer, aro.texts() + strict.texts(), device=device,
                         batch_size=batch_size, progress=progress, desc="order captions")
-    images = torch.cat(image_features)
     metrics = {"precision@1": aro_precision_at_1(*aro.scores(images, texts)),
                **strict_order_metrics(*strict.scores(images, texts))}
     return BenchmarkResult(metrics, _details(aro.cases, strict.cases, skipped, seed, tagger_name),

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from vlp.eval.benchmark_data import CLASSIFICATION, iter_batches, read_benchmark
+from vlp.eval.benchmark_data import CLASSIFICATION, read_benchmark
+from vlp.eval.cache import active_cache
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -62,7 +63,18 @@ def encode_images(model: DualEncoder, images: torch.Tensor, *, device: Device) -
 def encode_texts(
     model: DualEncoder, tokenizer: Tokenizer, texts: list[str], *, device: Device
 ) -> torch.Tensor:
-    """L2-normalised float32 text embeddings (N, D), left on `device`."""
+    """L2-normalised float32 text embeddings (N, D), left on `device`. Inside a suite run
+    (`vlp.eval.cache.suite_cache`) each distinct text is encoded once for all benchmarks."""
+    cache = active_cache()
+    if cache is None:
+        return _encode_texts(model, tokenizer, list(texts), device)
+    return cache.lookup_texts(
+        list(texts), lambda missing: _encode_texts(model, tokenizer, missing, device)
+    ).to(device)
+
+
+def _encode_texts(model: DualEncoder, tokenizer: Tokenizer, texts: list[str], device: Device
+                  ) -> torch.Tensor:
     features = model.encode_text(tokenizer(texts).to(device)).float()
     return F.normalize(features, dim=-1)
 
@@ -196,15 +208,13 @@ def predict_zeroshot(
             batch_size=batch_size,
             progress=progress,
         )
-        batches = iter_batches(
-            benchmark, preprocess, batch_size=batch_size, num_workers=num_workers
-        )
-        logits, targets = [], []
-        for images, target in tqdm(batches, desc="images", unit="batch", disable=not progress):
-            features = encode_images(model, images, device=device)
-            logits.append((100.0 * features @ classifier).cpu())
-            targets.append(target)
-    return ZeroShotPredictions(torch.cat(logits), torch.cat(targets), classnames)
+    from vlp.eval.embedding import root_embeddings
+
+    features, targets = root_embeddings(model, preprocess, benchmark, device=device,
+                                        batch_size=batch_size, num_workers=num_workers,
+                                        progress=progress, desc="zero-shot images")
+    logits = 100.0 * features @ classifier.cpu()
+    return ZeroShotPredictions(logits, torch.tensor(targets, dtype=torch.long), classnames)
 
 
 def evaluate_zeroshot(
