@@ -32,6 +32,8 @@ class RetrievalEmbeddings:
     """(T, D) float32."""
     text_to_image: torch.Tensor
     """(T,) int64 index of each caption's image."""
+    captions: tuple[str, ...] = ()
+    """The text of each caption row (filled by `embed_retrieval_set`)."""
 
 
 def evaluate_retrieval(
@@ -92,7 +94,7 @@ def embed_retrieval_set(
     texts = embed_texts(model, tokenizer, flat, device=device, batch_size=batch_size,
                         progress=progress, desc="retrieval captions")
     return RetrievalEmbeddings(
-        image_features, texts(flat), torch.tensor(text_to_image, dtype=torch.long)
+        image_features, texts(flat), torch.tensor(text_to_image, dtype=torch.long), tuple(flat)
     )
 
 

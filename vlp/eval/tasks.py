@@ -56,6 +56,9 @@ class RetrievalOptions:
     """Benchmark split folder."""
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     """Recall@k cut-offs."""
+    modality: bool = True
+    """Also score intra-modal (text→text, image→image) and mixed-modality retrieval
+    (`vlp.eval.modality_retrieval`)."""
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,19 @@ def _zeroshot(ctx: EvalContext, data: Path, o: ZeroShotOptions, plot_dir: Path) 
 
 
 def _retrieval(ctx: EvalContext, data: Path, o: RetrievalOptions, plot_dir: Path) -> BenchmarkResult:
-    from vlp.eval.retrieval import evaluate_retrieval
+    from vlp.eval.modality_retrieval import modality_retrieval_metrics
+    from vlp.eval.retrieval import embed_retrieval_set, retrieval_metrics
 
-    metrics = evaluate_retrieval(ctx.model, ctx.tokenizer, ctx.preprocess, data, split=o.split,
-                                 ks=tuple(o.ks), **ctx.common)
-    return BenchmarkResult(metrics)
+    embeddings = embed_retrieval_set(ctx.model, ctx.tokenizer, ctx.preprocess, data,
+                                     split=o.split, **ctx.common)
+    metrics = retrieval_metrics(embeddings, ks=tuple(o.ks))
+    notes = ["image_retrieval_recall@k and text_retrieval_recall@k follow CLIP_benchmark"]
+    if o.modality:
+        metrics |= modality_retrieval_metrics(embeddings, embeddings.captions, ks=tuple(o.ks))
+        notes.append("text_to_text, image_to_image and mixed_* metrics: vlp's intra-modal and "
+                     "mixed-modality retrieval (vlp.eval.modality_retrieval), no published "
+                     "reference")
+    return BenchmarkResult(metrics, notes=notes)
 
 
 def _sugarcrepe(ctx: EvalContext, data: Path, o: SugarCrepeOptions, plot_dir: Path
