@@ -65,7 +65,7 @@ def embed_texts(
     desc: str = "texts",
 ) -> TextEmbeddings:
     """Encode each distinct text of `texts` once, in batches of `batch_size`."""
-    unique = list(dict.fromkeys(texts))
+    unique = sorted(dict.fromkeys(texts), key=len)  # similar lengths batch together
     chunks = []
     with eval_mode(model), tqdm(total=len(unique), desc=desc, unit="text",
                                 disable=not progress) as bar:

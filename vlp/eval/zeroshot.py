@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from PIL import Image
 from tqdm import tqdm
 
@@ -75,8 +77,37 @@ def encode_texts(
 
 def _encode_texts(model: DualEncoder, tokenizer: Tokenizer, texts: list[str], device: Device
                   ) -> torch.Tensor:
-    features = model.encode_text(tokenizer(texts).to(device)).float()
+    features = text_features(model, tokenizer(texts).to(device)).float()
     return F.normalize(features, dim=-1)
+
+
+def text_features(model: DualEncoder, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text(tokens)`; for an open_clip `CLIP` whose text tower is causal and pools
+    the end-of-text token (CLIP's, vlp's), computed on the tokens up to the batch's last
+    end-of-text token only. With a causal mask no position attends to a later one, so the
+    padding after it cannot change the pooled feature; dropping it saves most of the work on
+    short captions (ShapesWorld's fill about a third of the context)."""
+    if not _causal_argmax_clip(model):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    cast_dtype = model.transformer.get_cast_dtype()
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = text_global_pool(model.ln_final(x), tokens, "argmax")
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
+def _causal_argmax_clip(model: Any) -> bool:
+    mask = getattr(model, "attn_mask", None)
+    return (type(model) is open_clip.CLIP and model.text_pool_type == "argmax"
+            and mask is not None and mask.ndim == 2 and bool(torch.isinf(mask[0, 1:]).all())
+            and not bool(torch.isinf(mask.diagonal()).any()))
 
 
 def zero_shot_classifier(
