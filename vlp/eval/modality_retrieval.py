@@ -7,7 +7,8 @@ ties ordered by `torch.topk`; a query never retrieves itself:
   captions (captions of images with a single caption are left out);
 - `image_to_image_recall@k`: an image finds an image that shares one of its captions (same text
   after lower-casing and stripping) among its k nearest images (images without such a twin are
-  left out; on COCO or Flickr30k few have one, on ShapesWorld many do);
+  left out, and the metric with them when no image has one: ShapesWorld's captions are all
+  distinct, and on COCO or Flickr30k few images share a caption);
 - `mixed_text_query_recall@k`: a caption, searched against the pool of every image and every
   other caption, finds its image or another caption of its image among its k nearest;
 - `mixed_image_query_recall@k`: an image, searched against every other image and every caption,
