@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import numbers
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,23 @@ def read_templates(path: str | Path) -> list[str]:
                 f"field is {{c}} ({err!r})"
             ) from None
     return templates
+
+
+def count_samples(benchmark: Benchmark) -> int | None:
+    """How many samples the shards hold (distinct keys with an image member), read from the tar
+    headers without decoding anything; None if a shard cannot be listed (progress bars then
+    show no total)."""
+    keys = set()
+    try:
+        for path in benchmark.shard_paths:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    key, _, extension = member.name.partition(".")
+                    if extension.lower() in IMAGE_EXTENSIONS:
+                        keys.add((str(path), key))
+    except (OSError, tarfile.TarError):
+        return None
+    return len(keys)
 
 
 def iter_batches(
