@@ -7,12 +7,12 @@ report writer) in the run folder, followed by the training summary and the loss 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from vlp.eval.report import write_report
+from vlp.eval.results import json_number, write_json
 from vlp.eval.runner import SuiteResult
 from vlp.train.metrics import plot_loss_curve, read_metrics
 from vlp.train.trainer import Trainer
@@ -67,7 +67,8 @@ def write_run_report(run_dir: Path, final: SuiteResult | None) -> Path:
     report = run_dir / REPORT_FILE
     if final is not None:
         write_report(final, report)
-        results = {name: dict(result.metrics) for name, result in final.results.items()}
+        results = {name: {k: json_number(v) for k, v in result.metrics.items()}
+                   for name, result in final.results.items()}
         evaluated = ["Evaluated: " + ", ".join(f"`{b.name}` ({b.data})"
                                                for b in final.suite.benchmarks), ""]
     else:
@@ -79,7 +80,7 @@ def write_run_report(run_dir: Path, final: SuiteResult | None) -> Path:
                              "![loss curve](loss_curve.png)", ""]))
     training = {k: records[-1][k] for k in ("step", "samples_seen", "skipped_samples")
                 if records and k in records[-1]}
-    (run_dir / RESULTS_FILE).write_text(json.dumps({**results, "train": training}, indent=1))
+    write_json(run_dir / RESULTS_FILE, {**results, "train": training})  # NaN (acc5 < 5 classes): null
     return report
 
 
