@@ -3,7 +3,7 @@
 Shapes: n micro-batches of m rows, b = n·m rows per rank, W ranks, B = W·b global batch.
 
 Reference: one plain step (forward with grad, loss, backward) on the whole batch in one process,
-in float64, with a small dual encoder (DESIGN §3's output dict, dropout in both towers). A
+in float64, with a small dual encoder (docs/design.md §3's output dict, dropout in both towers). A
 grad-cache step over n = 4 micro-batches must give the same loss and the same gradient for every
 parameter, logit scale and bias included; on 2 gloo ranks under DDP (ring backend) the same
 after DDP's mean, with one all-reduce per step.

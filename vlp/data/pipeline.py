@@ -8,7 +8,7 @@ member) are skipped, logged with their shard and key, and counted; each batch ca
 worker's running count so the trainer can report it, and its stream position so a resumed run
 continues exactly where the last one stopped.
 
-Batch (DESIGN §3): `image` (B,3,H,W) float, `text` (B,L) token ids, `key` list of sample ids,
+Batch (docs/design.md §3): `image` (B,3,H,W) float, `text` (B,L) token ids, `key` list of sample ids,
 `neg_text` (B,K,L) when K = `num_negatives` > 0 (hard-negative captions drawn from the sample
 json's `neg_captions`), plus `worker`, `skipped` (the worker's cumulative skip count) and
 `position` ((round, offset) of the worker's stream after this batch; see `StreamPosition`).

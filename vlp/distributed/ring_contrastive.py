@@ -10,7 +10,7 @@ the image->text direction) as the blocks travel the ring (send to r+1, receive f
 transfer is posted before the current block is computed). Tiles (t, t) of a block are reduced on
 the fly; per-column results (column log-sum-exp in the forward, dy / dn in the backward) travel
 with their block and arrive back at its owner after W steps. Inf-CL ("Breaking the Memory
-Barrier", DESIGN §4) computes the same quantities; here one pass over S serves both softmax
+Barrier", docs/design.md §4) computes the same quantities; here one pass over S serves both softmax
 directions (row LSE = image->text, column LSE = text->image), so the softmax costs one tile
 matmul in the forward and three in the backward (open_clip's gather: two and four).
 

@@ -1,4 +1,4 @@
-"""Zero-shot benchmarks in the CLIP_benchmark webdataset layout (DESIGN §5): read and write.
+"""Zero-shot benchmarks in the CLIP_benchmark webdataset layout (docs/design.md §5): read and write.
 
     root/
       classnames.txt                          one class name per line (classification)

@@ -1,4 +1,4 @@
-"""The modality gap and related geometry of matched image and text embeddings (DESIGN §5).
+"""The modality gap and related geometry of matched image and text embeddings (docs/design.md §5).
 
 On n matched pairs (x_i, y_i), both L2-normalised:
 

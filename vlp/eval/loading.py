@@ -1,6 +1,6 @@
 """Load the model an evaluation runs on: a vlp checkpoint folder or an open_clip model.
 
-    vlp eval --checkpoint runs/x/step-000000600       a vlp checkpoint folder (DESIGN §3)
+    vlp eval --checkpoint runs/x/step-000000400       a vlp checkpoint folder (docs/design.md §3)
     vlp eval --checkpoint runs/x                      the run's latest checkpoint
     vlp eval --checkpoint open_clip:ViT-B-32:/w.pt    an open_clip architecture + local weights
     vlp eval --checkpoint open_clip:ViT-B-32:random   the same, randomly initialised (a baseline)

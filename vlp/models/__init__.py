@@ -40,7 +40,7 @@ TEXT_TOWER_DIR = "text_tower"
 class DualEncoder(nn.Module):
     """One forward for everything a step needs, so DDP sees every tower call.
 
-    Wraps an open_clip model and returns its output dict (DESIGN §3: `image_features`,
+    Wraps an open_clip model and returns its output dict (docs/design.md §3: `image_features`,
     `text_features`, `logit_scale`, optional `logit_bias`, `logits`, `labels`), plus
     `neg_text_features` (b, K, D), normalised, when hard-negative captions (b, K, L) are given.
     Checkpoints hold the wrapped open_clip model's weights (`.model`), not this wrapper's.

@@ -18,7 +18,7 @@ activations of only one micro-batch are alive at a time:
 
 Gradient semantics: parameter gradients equal those of one plain step on this rank's b rows in
 one process, and after DDP's mean over ranks those of one step on the B-row global batch (the
-backends give each rank's features that semantics, DESIGN §3–4). Per-rank objectives
+backends give each rank's features that semantics, docs/design.md §3–4). Per-rank objectives
 (align_uniform) therefore see b rows, as a plain step with a b-row batch would.
 
 Layers with batch statistics (BatchNorm) normalise each micro-batch of m rows on its own, as
