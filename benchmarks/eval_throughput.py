@@ -11,9 +11,12 @@ builds them for `wds/` datasets. Both run in fp32 without autocast, after one wa
 scoring); "class prompts s" times building the classifier alone (vlp encodes the prompts in
 batches of --batch-size, clip_benchmark one class at a time); "image pass images/s" times the
 images alone, given a ready classifier (vlp's `iter_batches` + `encode_images`, as
-`predict_zeroshot` runs them; clip_benchmark's `run_classification`). The calls alternate
-within each round so that changes in machine load hit both sides alike. Prints one table with
-the ratios vlp / clip_benchmark and checks that both give the same acc1.
+`predict_zeroshot` runs them; clip_benchmark's `run_classification`). Each measurement runs
+as back-to-back pairs (vlp then clip_benchmark in even rounds, clip_benchmark then vlp in odd
+ones), so that changes in machine load hit both sides alike; a ratio is taken within each pair
+and the table gives the median and range of those, by wall clock and by CPU time (of this
+process; with --num-workers > 0 the loader workers' CPU is not counted). Checks that both give
+the same acc1.
 """
 
 from __future__ import annotations
@@ -104,22 +107,40 @@ def vlp_classifier(model, tokenizer, root: Path, *, batch_size: int, device: str
                                 device=device, batch_size=batch_size)
 
 
-def interleaved_medians(calls: dict[str, object], repeats: int) -> tuple[dict, dict]:
-    """Median wall time of each call over `repeats` rounds after one warm-up round, and each
-    call's warm-up result. The calls alternate within a round, so a change in machine load
-    between rounds affects every call alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
+Timing = tuple[float, float]
+"""(wall, CPU) seconds of one call."""
+
+
+def _timed(fn) -> Timing:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved_pairs(calls: dict[str, dict[str, object]], repeats: int) -> tuple[dict, dict]:
+    """Per measurement and implementation, `repeats` (wall, CPU) timings taken in back-to-back
+    pairs whose order alternates round by round, after one warm-up round; and each call's
+    warm-up result. `calls[measurement][implementation]` is a zero-argument callable."""
+    times: dict[tuple[str, str], list[Timing]] = {
+        (name, what): [] for what, pair in calls.items() for name in pair
+    }
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clip_benchmark's tqdm bars and webdataset's warnings
-        results = {name: fn() for name, fn in calls.items()}
-        for _ in range(repeats):
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, results
+        results = {(name, what): fn() for what, pair in calls.items() for name, fn in pair.items()}
+        for round_ in range(repeats):
+            for what, pair in calls.items():
+                names = list(pair) if round_ % 2 == 0 else list(pair)[::-1]
+                for name in names:
+                    times[(name, what)].append(_timed(pair[name]))
+    return times, results
+
+
+def pair_ratio(ours: list[Timing], theirs: list[Timing], index: int) -> str:
+    """Median (range) over the pairs of theirs ÷ ours seconds: > 1 where ours is faster."""
+    ratios = [b[index] / a[index] for a, b in zip(ours, theirs, strict=True)]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
 def main() -> None:
@@ -148,33 +169,38 @@ def main() -> None:
         }
         classifier = vlp_classifier(model, bundle.tokenizer, root, **common)
         loading = {"num_workers": args.num_workers, **common}
-        calls = {}
+        calls: dict[str, dict[str, object]] = {"total": {}, "prompts": {}, "images": {}}
         for name, (evaluate, build_classifier, image_pass) in implementations.items():
-            calls[(name, "total")] = lambda f=evaluate: f(
+            calls["total"][name] = lambda f=evaluate: f(
                 model, bundle.tokenizer, bundle.preprocess_val, root, **loading)
-            calls[(name, "prompts")] = lambda f=build_classifier: f(
+            calls["prompts"][name] = lambda f=build_classifier: f(
                 model, bundle.tokenizer, root, **common)
-            calls[(name, "images")] = lambda f=image_pass: f(
+            calls["images"][name] = lambda f=image_pass: f(
                 model, classifier, bundle.preprocess_val, root, **loading)
-        seconds, results = interleaved_medians(calls, args.repeats)
-        rows = {}
-        for name in implementations:
-            rows[name] = (args.num_images / seconds[(name, "total")], seconds[(name, "prompts")],
-                          args.num_images / seconds[(name, "images")],
-                          results[(name, "total")]["acc1"])
+        times, results = interleaved_pairs(calls, args.repeats)
 
     print(f"zero-shot eval throughput: model {args.model}, {args.num_images} images "
           f"(ShapesWorld, 56 classes x 6 prompts), batch {args.batch_size}, "
           f"{args.num_workers} workers, {args.device}, torch {torch.__version__}, "
-          f"median of {args.repeats}")
-    header = ("implementation", "images/s", "class prompts s", "image pass images/s", "acc1")
-    print(f"{header[0]:<16} {header[1]:>10} {header[2]:>16} {header[3]:>20} {header[4]:>7}")
-    for name, (rate, prompts, image_rate, acc1) in rows.items():
-        print(f"{name:<16} {rate:>10,.1f} {prompts:>16.2f} {image_rate:>20,.1f} {acc1:>7.4f}")
-    (vlp_rate, vlp_prompts, vlp_image, vlp_acc), (cb_rate, cb_prompts, cb_image, cb_acc) = (
-        rows.values())
-    print(f"{'ratio vlp/cb':<16} {vlp_rate / cb_rate:>10.2f} {vlp_prompts / cb_prompts:>16.2f} "
-          f"{vlp_image / cb_image:>20.2f}")
+          f"{args.repeats} back-to-back pairs, order alternated")
+    print("| measurement | vlp wall s | clip_benchmark wall s | speed-up, wall (pairs) "
+          "| vlp CPU s | clip_benchmark CPU s | speed-up, CPU (pairs) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    labels = {"total": f"whole call, {args.num_images} images", "prompts": "class prompts",
+              "images": f"image pass, {args.num_images} images"}
+    for what, label in labels.items():
+        ours, theirs = times[("vlp", what)], times[("clip_benchmark", what)]
+
+        def med(timings: list[Timing], index: int) -> float:
+            return statistics.median(t[index] for t in timings)
+
+        print(f"| {label} | {med(ours, 0):.2f} | {med(theirs, 0):.2f} "
+              f"| {pair_ratio(ours, theirs, 0)} | {med(ours, 1):.2f} | {med(theirs, 1):.2f} "
+              f"| {pair_ratio(ours, theirs, 1)} |")
+    print("speed-up = clip_benchmark seconds ÷ vlp seconds within each pair (> 1: vlp faster); "
+          "median (range) over the pairs")
+    vlp_acc, cb_acc = (results[(name, "total")]["acc1"] for name in implementations)
+    print(f"acc1: vlp {vlp_acc:.4f}, clip_benchmark {cb_acc:.4f}")
     if abs(vlp_acc - cb_acc) > 1e-9:
         print("WARNING: acc1 differs between the two implementations")
 

@@ -8,9 +8,12 @@ each rank builds random normalised (b, D) features, then measures
   /proc/self/clear_refs just before the loss) minus the resident set before the loss, with
   glibc told to return freed blocks > 64 KiB to the OS, so the peak is what the loss adds;
 - time: after all memory measurements, wall-clock (slowest rank) and CPU time (summed over
-  ranks, robust to other load on the machine) of forward + backward, best of --repeats, with
-  glibc keeping freed blocks for reuse (as it does once its dynamic mmap threshold has grown,
-  and as a GPU caching allocator does); the same settings for both methods.
+  ranks, robust to other load on the machine) of forward + backward, with glibc keeping freed
+  blocks for reuse (as it does once its dynamic mmap threshold has grown, and as a GPU caching
+  allocator does); the same settings for both methods. vlp and open_clip are timed in
+  back-to-back pairs, --repeats pairs per (loss, B), the order alternated (vlp first in even
+  pairs, open_clip first in odd ones); the table gives each method's median and the median and
+  range of the per-pair time ratios, so that load from other jobs hits both alike.
 Each method runs once on a tiny batch first, so one-off buffers (BLAS, gloo) are not counted.
 Methods: vlp `ring_clip_loss` vs open_clip `ClipLoss(local_loss=True, gather_with_grad=True)`,
 and vlp `ring_siglip_loss` vs open_clip `SigLipLoss` (bidir). A configuration whose predicted
@@ -27,12 +30,13 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,8 +72,8 @@ class Row:
     global_batch: int
     predicted_mib: float
     peak_mib: float | None = None  # largest over ranks
-    wall_s: float | None = None  # slowest rank, best of --repeats
-    cpu_s: float | None = None  # CPU time summed over ranks, best of --repeats
+    wall_s: list[float] = field(default_factory=list)  # slowest rank, one per pair
+    cpu_s: list[float] = field(default_factory=list)  # CPU time summed over ranks, one per pair
     skipped: str = ""
 
 
@@ -189,14 +193,18 @@ def _rank_main(rank: int, s: Setting, sizes: list[int], store: str, out: str) ->
         row.peak_mib = _over_ranks(_peak_mib(row, s, rank), dist.ReduceOp.MAX)
         _progress(rank, f"memory {row.method} W={row.world_size} B={row.global_batch}")
     _malloc_returns_freed_blocks(False)
-    for row in runnable:
-        for _ in range(s.repeats):
-            wall, cpu = _seconds(row, s, rank)
-            wall = _over_ranks(wall, dist.ReduceOp.MAX)
-            cpu = _over_ranks(cpu, dist.ReduceOp.SUM)
-            row.wall_s = wall if row.wall_s is None else min(row.wall_s, wall)
-            row.cpu_s = cpu if row.cpu_s is None else min(row.cpu_s, cpu)
-        _progress(rank, f"time {row.method} W={row.world_size} B={row.global_batch}")
+    by_key = {(r.method, r.global_batch): r for r in runnable}
+    for ours, theirs in PAIRS.values():
+        for global_batch in sizes:
+            pair = [by_key.get((m, global_batch)) for m in (ours, theirs)]
+            for repeat in range(s.repeats):
+                for row in pair if repeat % 2 == 0 else pair[::-1]:
+                    if row is None:
+                        continue
+                    wall, cpu = _seconds(row, s, rank)
+                    row.wall_s.append(_over_ranks(wall, dist.ReduceOp.MAX))
+                    row.cpu_s.append(_over_ranks(cpu, dist.ReduceOp.SUM))
+            _progress(rank, f"time {ours} / {theirs} W={s.world_size} B={global_batch}")
     dist.destroy_process_group()
     if rank == 0:
         for row in rows:
@@ -215,7 +223,7 @@ def _describe(row: Row) -> str:
         return f"{what} skipped ({row.skipped})"
     return (
         f"{what} peak {row.peak_mib:9.1f} MiB (predicted {row.predicted_mib:9.1f})  "
-        f"wall {row.wall_s:8.3f} s  CPU {row.cpu_s:8.3f} s"
+        f"wall {_fmt(_median(row.wall_s), '8.3f')} s  CPU {_fmt(_median(row.cpu_s), '8.3f')} s"
     )
 
 
@@ -239,13 +247,26 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return "—" if not (numerator and denominator) else f"{numerator / denominator:.2f}"
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _pair_ratios(ours: list[float], theirs: list[float]) -> str:
+    """Median (range) of ours ÷ theirs over the back-to-back pairs."""
+    if not ours or len(ours) != len(theirs):
+        return "—"
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def markdown_table(rows: list[Row]) -> str:
     """One line per (loss, W, B): vlp vs open_clip memory and time, and their ratios."""
     by_key = {(r.method, r.world_size, r.global_batch): r for r in rows}
     lines = [
         "| loss | W | B | vlp MiB | open_clip MiB | open_clip ÷ vlp memory | vlp wall s | "
-        "open_clip wall s | vlp CPU s | open_clip CPU s | vlp ÷ open_clip CPU time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "open_clip wall s | vlp ÷ open_clip wall (pairs) | vlp CPU s | open_clip CPU s | "
+        "vlp ÷ open_clip CPU (pairs) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, (ours, theirs) in PAIRS.items():
         for w, batch in sorted({(r.world_size, r.global_batch) for r in rows}):
@@ -253,9 +274,10 @@ def markdown_table(rows: list[Row]) -> str:
             theirs_mem = f"skipped: {o.skipped}" if o.skipped else _fmt(o.peak_mib, ".0f")
             lines.append(
                 f"| {kind} | {w} | {batch} | {_fmt(a.peak_mib, '.0f')} | {theirs_mem} | "
-                f"{_ratio(o.peak_mib, a.peak_mib)} | {_fmt(a.wall_s, '.2f')} | "
-                f"{_fmt(o.wall_s, '.2f')} | {_fmt(a.cpu_s, '.2f')} | {_fmt(o.cpu_s, '.2f')} | "
-                f"{_ratio(a.cpu_s, o.cpu_s)} |"
+                f"{_ratio(o.peak_mib, a.peak_mib)} | {_fmt(_median(a.wall_s), '.2f')} | "
+                f"{_fmt(_median(o.wall_s), '.2f')} | {_pair_ratios(a.wall_s, o.wall_s)} | "
+                f"{_fmt(_median(a.cpu_s), '.2f')} | {_fmt(_median(o.cpu_s), '.2f')} | "
+                f"{_pair_ratios(a.cpu_s, o.cpu_s)} |"
             )
     return "\n".join(lines)
 
@@ -277,7 +299,8 @@ def plot(rows: list[Row], path: Path) -> None:
             mem_ax.plot(
                 batch, [r.peak_mib for r in done], style, marker="o", label=f"{method} W={w}"
             )
-            time_ax.plot(batch, [r.cpu_s for r in done], style, marker="o", label=f"{method} W={w}")
+            cpu = [_median(r.cpu_s) for r in done]
+            time_ax.plot(batch, cpu, style, marker="o", label=f"{method} W={w}")
     for ax, label in (
         (mem_ax, "peak memory added per rank (MiB)"),
         (time_ax, "CPU seconds, all ranks"),
@@ -310,7 +333,12 @@ def main() -> None:
         "--world-sizes", type=_int_list, default=[2, 4], help="gloo world sizes, comma-separated"
     )
     parser.add_argument("--dim", type=int, default=512, help="feature dim D")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per config (best)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed vlp/open_clip pairs per (loss, B), order alternated",
+    )
     parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="vlp ring tile")
     parser.add_argument(
         "--memory-budget-gib",

@@ -18,10 +18,12 @@ less than wall-clock rates when other jobs share the cores, but not nothing: Ope
 while a descheduled peer catches up, so on an oversubscribed machine `--threads 1` gives the
 steadier comparison.
 
-Runs alternate (vlp first on even repeats, open_clip first on odd ones) so that load from other
-jobs hits both alike; the table gives each trainer's median and best run and the ratios (>= 1.0
-means vlp adds no overhead). On a shared machine the best run (as timeit's best of N) is the one
-least disturbed by other jobs; each run's line also gives the 1-min load average around it.
+Runs come in back-to-back pairs (A B, B A, A B, ...: vlp first in even pairs, open_clip first in
+odd ones) so that load from other jobs hits both alike. The table gives every pair's ratios
+(vlp ÷ open_clip samples/s, open_clip ÷ vlp CPU ms/sample; > 1 where vlp is faster) and their
+median and range. A ratio is only ever taken within a pair: dividing one trainer's median by
+the other's mixes runs from different load periods. Each run's line also gives the 1-min load
+average around it.
 
 vlp reads the shards through `data.shards`, so it skips its end-of-run zero-shot report; open_clip
 needs `--dataset-resampled` to draw shards with replacement as vlp does, and a one-line patch for
@@ -69,11 +71,11 @@ Window = tuple[int, int, float]
 """A log window: the first and last optimizer step it covers and the seconds they took."""
 
 
-def prepare_data(cache_dir: str, num_train: int) -> str:
+def prepare_data(cache_dir: str, num_train: int, image_size: int = IMAGE_SIZE) -> str:
     """Generate (or reuse) ShapesWorld shards; return the `::`-joined training shard spec."""
     from vlp.data.cache import prepare_shapesworld, train_shards_spec
 
-    params = {"num_train": num_train, "num_eval": 100, "seed": 0, "image_size": IMAGE_SIZE,
+    params = {"num_train": num_train, "num_eval": 100, "seed": 0, "image_size": image_size,
               "samples_per_shard": 1000}
     return train_shards_spec(prepare_shapesworld(cache_dir, params, progress=False))
 
@@ -90,7 +92,7 @@ def vlp_command(args: argparse.Namespace, shards: str, out_dir: Path) -> list[st
         "optim.lr": HYPER["lr"], "optim.weight_decay": HYPER["wd"],
         "optim.warmup_steps": HYPER["warmup"], "optim.beta1": HYPER["beta1"],
         "optim.beta2": HYPER["beta2"], "optim.eps": HYPER["eps"],
-        "optim.grad_clip": HYPER["grad_clip"], "model.name": MODEL,
+        "optim.grad_clip": HYPER["grad_clip"], "model.name": args.model,
         "checkpoint.every": 10**9, "checkpoint.resume": "never",
     }
     return [sys.executable, "-m", "vlp", "train", str(RECIPE),
@@ -101,7 +103,7 @@ def open_clip_command(args: argparse.Namespace, shards: str, logs: Path, name: s
     flags = {
         "--train-data": shards, "--dataset-type": "webdataset",
         "--train-num-samples": args.steps * args.batch_size, "--batch-size": args.batch_size,
-        "--workers": args.workers, "--model": MODEL, "--epochs": 1, "--device": "cpu",
+        "--workers": args.workers, "--model": args.model, "--epochs": 1, "--device": args.device,
         "--precision": "fp32", "--lr": HYPER["lr"], "--wd": HYPER["wd"],
         "--warmup": HYPER["warmup"], "--beta1": HYPER["beta1"], "--beta2": HYPER["beta2"],
         "--eps": HYPER["eps"], "--grad-clip-norm": HYPER["grad_clip"],
@@ -259,24 +261,37 @@ def measure(args: argparse.Namespace, shards: str, work: Path) -> dict[str, list
 # ---------------------------------------------------------------- report
 
 
+def pair_ratios(results: dict[str, list[Result]]) -> tuple[list[float], list[float]]:
+    """Per back-to-back pair: vlp ÷ open_clip samples/s, and open_clip ÷ vlp CPU ms/sample.
+
+    Both are > 1 where vlp is faster. Ratios are taken within a pair (the two runs that ran
+    next to each other under the same load) and only then summarised: a ratio of medians mixes
+    runs from different load periods and can be far from every pair's ratio.
+    """
+    pairs = list(zip(results["vlp"], results["open_clip"], strict=True))
+    rate = [v.samples_per_s / o.samples_per_s for v, o in pairs]
+    cpu = [o.cpu_ms_per_sample / v.cpu_ms_per_sample for v, o in pairs]
+    return rate, cpu
+
+
+def summary(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.2f}x (pairs {min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def table(results: dict[str, list[Result]]) -> str:
-    """Median and best run of each trainer; every ratio is >= 1.0 where vlp is no worse."""
-    def med(name: str, key: str) -> float:
-        return statistics.median(getattr(r, key) for r in results[name])
-
-    def best(name: str) -> float:
-        return max(r.samples_per_s for r in results[name])
-
-    ref_rate, ref_best = med("open_clip", "samples_per_s"), best("open_clip")
-    ref_cpu = med("open_clip", "cpu_ms_per_sample")
-    lines = ["| trainer | samples/s (median) | ratio | samples/s (best run) | ratio "
-             "| CPU ms/sample (median) | ratio (open_clip / this) | runs (samples/s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for name, runs in results.items():
-        rate, top, cpu = med(name, "samples_per_s"), best(name), med(name, "cpu_ms_per_sample")
-        each = ", ".join(f"{r.samples_per_s:.1f}" for r in runs)
-        lines.append(f"| {name} | {rate:.1f} | {rate / ref_rate:.2f}x | {top:.1f} "
-                     f"| {top / ref_best:.2f}x | {cpu:.1f} | {ref_cpu / cpu:.2f}x | {each} |")
+    """One line per pair of runs, then the median and range of the per-pair ratios."""
+    rate, cpu = pair_ratios(results)
+    lines = ["| pair | first | vlp samples/s | open_clip samples/s | vlp ÷ open_clip "
+             "| vlp CPU ms/sample | open_clip CPU ms/sample | open_clip ÷ vlp CPU |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for i, (v, o) in enumerate(zip(results["vlp"], results["open_clip"], strict=True)):
+        first = "vlp" if i % 2 == 0 else "open_clip"
+        lines.append(f"| {i} | {first} | {v.samples_per_s:.1f} | {o.samples_per_s:.1f} "
+                     f"| {rate[i]:.2f}x | {v.cpu_ms_per_sample:.1f} | {o.cpu_ms_per_sample:.1f} "
+                     f"| {cpu[i]:.2f}x |")
+    lines += ["", f"vlp ÷ open_clip samples/s (wall clock): {summary(rate)}; "
+              f"open_clip ÷ vlp CPU time per sample: {summary(cpu)}. Median and range of the "
+              "per-pair ratios; > 1 means vlp is faster."]
     return "\n".join(lines)
 
 
@@ -304,6 +319,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS for both trainers (0 = torch's default)")
     parser.add_argument("--num-train", type=int, default=10_000, help="ShapesWorld samples")
+    parser.add_argument("--model", default=MODEL,
+                        help="model for both trainers (vlp's vlp-tiny or an open_clip name)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="ShapesWorld image size (each trainer resizes to its model's)")
+    parser.add_argument("--device", default="cpu",
+                        help="open_clip's --device (vlp takes accelerate's: the GPU if any)")
     parser.add_argument("--cache-dir", default="~/.cache/vlp", help="ShapesWorld cache")
     parser.add_argument("--out", type=Path, help="also write the table here (Markdown)")
     parser.add_argument("--work-dir", type=Path,
@@ -319,7 +340,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    shards = prepare_data(args.cache_dir, args.num_train)
+    shards = prepare_data(args.cache_dir, args.num_train, args.image_size)
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
         work = Path(tmp) if args.work_dir is None else args.work_dir.resolve()
         work.mkdir(parents=True, exist_ok=True)
@@ -330,8 +351,8 @@ def main() -> None:
                     open_clip_command(args, shards, work, "open_clip-i")):
             print("  " + shlex.join(cmd).replace(shards, '"$SHARDS"'))
         results = measure(args, shards, work)
-    title = (f"Training throughput, vlp-tiny fp32 on CPU: batch {args.batch_size}, "
-             f"{IMAGE_SIZE} px, {args.workers} data worker(s), torch threads "
+    title = (f"Training throughput, {args.model} fp32 on {args.device}: batch "
+             f"{args.batch_size}, {args.image_size} px shards, {args.workers} data worker(s), torch threads "
              f"{args.threads or 'default'}, {args.steps} steps "
              f"(first {args.warmup} left out), {args.repeats} run(s) each")
     text = f"{title}\n\n{table(results)}\n"

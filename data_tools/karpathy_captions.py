@@ -19,8 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from vlp.data.shards_build import Record, write_shards
 from data_tools.common import write_retrieval
+from vlp.data.shards_build import Record, write_shards
 
 
 def read_karpathy(path: str | Path) -> list[dict]:

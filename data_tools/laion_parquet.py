@@ -18,8 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from vlp.data.shards_build import Record, write_shards
 from data_tools.cc_tsv import image_index
+from vlp.data.shards_build import Record, write_shards
 
 TEXT_COLUMNS = ("TEXT", "text", "caption")
 URL_COLUMNS = ("URL", "url")

@@ -19,7 +19,7 @@ def load(
 ) -> tuple[Encoder, Callable, Callable]:
     """Load a trained model for inference: `model, preprocess, tokenizer = vlp.load(PATH)`.
 
-    `path` is a checkpoint folder (`runs/x/step-000000600`) or a run folder (its latest
+    `path` is a checkpoint folder (`runs/x/step-000000400`) or a run folder (its latest
     checkpoint). The model is in eval mode on `device`; `model.encode_image(preprocess(img)[None])`
     and `model.encode_text(tokenizer(["a caption"]))` return L2-normalised embeddings (pass
     `normalize=False` for raw ones), so their dot product is a cosine similarity. Nothing is

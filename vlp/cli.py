@@ -4,12 +4,13 @@ the command line."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from data_tools import CONVERTERS
 from vlp import __version__, resources
 from vlp.config import ConfigError
 from vlp.data.command import add_shards_commands
-from data_tools import CONVERTERS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -22,7 +23,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(resources.find_recipe(args.recipe), args.overrides)
     announce_pipe_commands(cfg.data.shards)
-    from vlp.train.loop import NonFiniteLossError, train
+    from vlp.train.loop import train
+    from vlp.train.nonfinite import NonFiniteLossError
 
     try:
         result = train(cfg)
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, (ConfigError, CheckpointError, FileNotFoundError)):
             raise
         return _user_error(args.command, e)
+    except KeyboardInterrupt:  # a Ctrl-C before training starts, or a second one during it
+        print(f"vlp {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

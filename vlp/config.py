@@ -91,34 +91,6 @@ class ModelConfig:
         if self.lock_text_unlocked_layers and not self.lock_text:
             raise ConfigError("model.lock_text_unlocked_layers needs model.lock_text: true")
 
-    def check_sources(self) -> None:
-        """The weights and text tower named exist and fit (run by `RunConfig.validate`)."""
-        from vlp.models import HF_PREFIX
-
-        if self.pretrained is not None:
-            where = self.pretrained.removeprefix(HF_PREFIX)
-            if not Path(where).exists():
-                raise ConfigError(f"model.pretrained: no such weights file or folder {where}")
-            if self.pretrained.startswith(HF_PREFIX) and not Path(where).is_dir():
-                raise ConfigError(f"model.pretrained: {where} is not a transformers folder")
-            if not self.pretrained.startswith(HF_PREFIX) and Path(where).is_dir():
-                from vlp.checkpoint import resolve_checkpoint
-
-                try:
-                    resolve_checkpoint(where)
-                except ValueError as e:
-                    raise ConfigError(f"model.pretrained: {e}") from None
-        if self.hf_text_model is not None:
-            from vlp.models import model_spec
-
-            try:
-                model_spec(self.name, hf_text_model=self.hf_text_model,
-                           hf_text_pooler=self.hf_text_pooler, hf_text_proj=self.hf_text_proj)
-            except (OSError, ValueError) as e:
-                message = str(e)
-                raise ConfigError(message if message.startswith("model.")
-                                  else f"model.hf_text_model: {message}") from None
-
 
 @dataclass
 class SynthConfig:
@@ -228,7 +200,7 @@ class ObjectiveSpec:
     """One term of the training loss, e.g. `{name: clip}` or `{name: align_uniform, weight: 0.5}`.
 
     Keys other than `name` and `weight` are the objective's own parameters, checked against
-    that objective's `Config` dataclass by `RunConfig.validate`.
+    that objective's `Config` dataclass by `vlp.train.checks.check_config`.
     """
 
     name: str
@@ -393,20 +365,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        """Cross-field checks and checks against the registries; run on every rank at start."""
-        from vlp.distributed import BACKENDS
-        from vlp.models import model_config
-        from vlp.objectives import OBJECTIVES
-
-        try:
-            arch = model_config(self.model.name)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        has_output = {"logit_bias": self.model.init_logit_bias is not None,
-                      "logits": "multimodal_cfg" in arch}
-        how_to_get = {"logit_bias": "set model.init_logit_bias (SigLIP: -10)",
-                      "logits": "use a captioning (CoCa) model, e.g. model.name=vlp-tiny-coca"}
-
+        """Cross-field checks; run on every rank at start. Checks against the model, objective
+        and backend registries belong to those components (`vlp.train.checks.check_config`)."""
         _check_folder("output_dir", self.output_dir)
         if self.data.synth is not None:
             _check_folder("data.cache_dir", self.data.cache_dir)
@@ -419,62 +379,21 @@ class RunConfig:
             raise ConfigError(f"data.hf.path: no such folder {self.data.hf.path}")
         if self.data.shards is not None:
             _check_shards_exist(self.data.shards)
-        self.model.check_sources()
         if not self.objectives:
             raise ConfigError("objectives is empty: name at least one, e.g. [{name: clip}]")
         for i, spec in enumerate(self.objectives):
-            key = f"objectives[{i}]"
-            check_number(f"{key}.weight", spec.weight, 0)
-            if spec.name not in OBJECTIVES:
-                raise ConfigError(
-                    f"{key}.name: unknown objective {spec.name!r}; known: {sorted(OBJECTIVES)}"
-                )
-            built = _build(OBJECTIVES[spec.name].Config, spec.params, key)
-            spec.params = {k: getattr(built, k) for k in spec.params}  # typed values
-            for needed in getattr(OBJECTIVES[spec.name], "requires_outputs", set()):
-                if not has_output[needed]:
-                    raise ConfigError(
-                        f"{key}: objective {spec.name!r} needs the model output {needed!r}, "
-                        f"which model {self.model.name!r} does not give: {how_to_get[needed]}"
-                    )
-            if "neg_text" in OBJECTIVES[spec.name].requires and self.data.num_negatives == 0:
-                raise ConfigError(
-                    f"{key}: objective {spec.name!r} needs hard-negative captions (batch field "
-                    "neg_text): set data.num_negatives > 0 and use shards whose json has "
-                    "'neg_captions'"
-                )
+            check_number(f"objectives[{i}].weight", spec.weight, 0)
         if not any(spec.weight > 0 for spec in self.objectives):
             raise ConfigError("objectives: every weight is 0, so nothing would be trained; give "
                               "at least one objective a weight > 0")
-        if self.train.grad_cache:
-            _check_grad_cache(self)
-        if self.loss.backend not in BACKENDS and self.loss.backend != "auto":
+        if self.train.grad_cache and self.train.grad_accum < 2:
             raise ConfigError(
-                f"loss.backend: unknown {self.loss.backend!r}; known: auto, {', '.join(BACKENDS)}"
+                "train.grad_cache: true needs train.grad_accum >= 2 micro-batches per step (with "
+                "one it only adds a second forward); raise train.grad_accum or drop "
+                "train.grad_cache"
             )
         if self.eval.zeroshot is not None and not Path(self.eval.zeroshot).is_dir():
             raise ConfigError(f"eval.zeroshot: no such folder {self.eval.zeroshot}")
-
-
-def _check_grad_cache(cfg: RunConfig) -> None:
-    from vlp.objectives import OBJECTIVES
-    from vlp.train.grad_cache import CACHEABLE_OUTPUTS
-
-    if cfg.train.grad_accum < 2:
-        raise ConfigError(
-            "train.grad_cache: true needs train.grad_accum >= 2 micro-batches per step (with one "
-            "it only adds a second forward); raise train.grad_accum or drop train.grad_cache"
-        )
-    for i, spec in enumerate(cfg.objectives):
-        uncached = sorted(getattr(OBJECTIVES[spec.name], "requires_outputs", set())
-                          - CACHEABLE_OUTPUTS)
-        if uncached:
-            raise ConfigError(
-                f"objectives[{i}]: objective {spec.name!r} reads the model output(s) {uncached} "
-                "per sample, which train.grad_cache does not cache (it caches features, logit "
-                "scale and bias); drop train.grad_cache (use plain train.grad_accum) or this "
-                "objective"
-            )
 
 
 def _check_folder(key: str, folder: str) -> None:
@@ -576,6 +495,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: the value is not valid YAML: "
                           f"{_yaml_problem(e)}") from None
+
+
+def build_typed(cls: type, raw: Any, key: str) -> Any:
+    """Construct dataclass `cls` from a mapping as recipes are read (unknown keys and wrong
+    types raise `ConfigError` naming `key`): for component configs checked by their owners."""
+    return _build(cls, raw, key)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

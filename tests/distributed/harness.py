@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vlp.distributed import build_backend
+from vlp.distributed import Ring, build_backend
 
 WORLD_SIZES = (1, 2, 3, 4)
 KINDS = ("softmax", "sigmoid", "negatives")
@@ -181,6 +181,29 @@ def uneven_batch_job(rank: int, world_size: int, backend: str) -> str:
     return ""
 
 
+def shape_check_job(rank: int, world_size: int) -> list[tuple[int, ...]]:
+    """The shapes compared across ranks over repeated ring and gather calls (all ranks alike).
+
+    D = 12 keeps these shapes apart from the other jobs' (the comparison is once per shape).
+    """
+    compared: list[tuple[int, ...]] = []
+    original = Ring.all_gather_ints
+
+    def recording(self: Ring, values, *, device):
+        compared.append(tuple(values))
+        return original(self, values, device=device)
+
+    Ring.all_gather_ints = recording
+    try:
+        for b in (6, 6, 6, 3, 3, 6):
+            x = F.normalize(torch.randn(b, 12), dim=-1)
+            for backend in ("ring", "gather"):
+                build_backend(backend).softmax(x, x, torch.tensor(10.0))
+    finally:
+        Ring.all_gather_ints = original
+    return compared
+
+
 def backend_choice_job(rank: int, world_size: int) -> dict[str, str]:
     """Which backend 'auto' picks here, and what building 'local' says."""
     try:
@@ -205,6 +228,8 @@ def world_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:
                 )
         if world_size > 1:
             jobs[f"uneven/{backend}"] = (uneven_batch_job, {"backend": backend})
+    if world_size > 1:
+        jobs["shape_checks"] = (shape_check_job, {})
     return jobs
 
 

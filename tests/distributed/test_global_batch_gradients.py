@@ -116,6 +116,13 @@ def test_unequal_local_batches_raise_value_error_naming_every_rank(world_size: i
         assert all(f"rank {r}: b=" in message for r in range(world_size))
 
 
+@pytest.mark.parametrize("world_size", [w for w in WORLD_SIZES if w > 1])
+def test_ranks_compare_shapes_once_per_new_shape_not_on_every_call(world_size: int):
+    for rank_result in world_results(world_size):
+        # Six ring + six gather calls with b = 6, 6, 6, 3, 3, 6: two new shapes, two all-gathers.
+        assert rank_result["shape_checks"] == [(6, 12, -1), (3, 12, -1)]
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_auto_backend_is_ring_with_several_ranks_and_local_with_one(world_size: int):
     for rank_result in world_results(world_size):

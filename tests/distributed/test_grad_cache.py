@@ -3,7 +3,7 @@
 Shapes: n micro-batches of m rows, b = n·m rows per rank, W ranks, B = W·b global batch.
 
 Reference: one plain step (forward with grad, loss, backward) on the whole batch in one process,
-in float64, with a small dual encoder (DESIGN §3's output dict, dropout in both towers). A
+in float64, with a small dual encoder (docs/design.md §3's output dict, dropout in both towers). A
 grad-cache step over n = 4 micro-batches must give the same loss and the same gradient for every
 parameter, logit scale and bias included; on 2 gloo ranks under DDP (ring backend) the same
 after DDP's mean, with one all-reduce per step.
@@ -35,6 +35,7 @@ from vlp.config import (
 )
 from vlp.distributed import build_backend
 from vlp.objectives import build_objectives
+from vlp.train.checks import check_config
 from vlp.train.grad_cache import cached_backward
 
 NUM_MICRO, MICRO, WORLD = 4, 6, 2
@@ -254,10 +255,11 @@ def test_grad_cache_with_a_per_sample_caption_loss_is_rejected():
     cfg.objectives = [ObjectiveSpec("coca")]
     with pytest.raises(ConfigError, match=r"objectives\[0\]: objective 'coca'.*'logits'"
                                           r".*train.grad_cache"):
-        cfg.validate()
+        check_config(cfg)
 
 
 def test_grad_cache_accepts_feature_objectives():
     cfg = synth_config(grad_cache=True, grad_accum=2)
     cfg.objectives = [ObjectiveSpec("clip"), ObjectiveSpec("align_uniform", weight=0.5)]
     cfg.validate()
+    check_config(cfg)

@@ -62,7 +62,7 @@ def test_training_lowers_the_loss_and_writes_the_report(tmp_path, cache):
     assert last < 0.8 * first, (first, last)
     assert (run / "loss_curve.png").stat().st_size > 1000
     assert [p.name for p in list_checkpoints(run)] == ["step-000000020", "step-000000040"]
-    result = json.loads((run / "eval" / "zeroshot.json").read_text())
+    result = json.loads((run / "eval" / "step-000000040" / "zeroshot.json").read_text())
     assert result["task"] == "zeroshot_classification"
     assert set(result["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
     assert f"report: {run / 'report.md'}" in proc.stdout
@@ -75,8 +75,11 @@ def test_resume_continues_from_the_saved_step(tmp_path, cache):
     run = tmp_path / "run"
     assert "resumed from" in proc.stdout + proc.stderr and "at step 4" in proc.stdout + proc.stderr
     assert latest_checkpoint(run).name == "step-000000008"
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
     assert steps == [2, 4, 6, 8]  # the second run logged only the steps after 4
+    # each run's end-of-run evaluation reaches the trackers too
+    assert [r["step"] for r in records if "eval/zeroshot/acc1" in r] == [4, 8]
     state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["samples_seen"] == 8 * 32
 
@@ -165,5 +168,5 @@ def test_two_process_ring_run_with_gradient_cache_trains(tmp_path, cache):
     assert last < 0.95 * first, (first, last)
     state = json.loads((run / "step-000000012" / "trainer_state.json").read_text())
     assert state["samples_seen"] == 12 * 64
-    assert json.loads((run / "eval" / "zeroshot.json").read_text())["task"] == (
+    assert json.loads((run / "eval" / "step-000000012" / "zeroshot.json").read_text())["task"] == (
         "zeroshot_classification")

@@ -99,7 +99,8 @@ def test_the_main_job_and_the_default_eval_suite_run_outside_the_repository(venv
          "optim.warmup_steps=1", "eval.batch_size=64"], cwd=tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     assert (run_dir / "step-000000004" / "model.safetensors").is_file()
-    assert "acc1" in json.loads((run_dir / "eval" / "zeroshot.json").read_text())["metrics"]
+    final_eval = run_dir / "eval" / "step-000000004"  # the end-of-run suite's files
+    assert "acc1" in json.loads((final_eval / "zeroshot.json").read_text())["metrics"]
 
     suite = [f"shapesworld.cache_dir={cache}", "shapesworld.params.num_train=600",
              "shapesworld.params.num_eval=64", "shapesworld.params.samples_per_shard=300"]

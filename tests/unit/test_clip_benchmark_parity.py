@@ -123,6 +123,27 @@ def test_zeroshot_metrics_equal_clip_benchmarks(tiny_clip, classification_root, 
     assert metrics == pytest.approx(expected, rel=0, abs=1e-12)
 
 
+def test_zeroshot_metrics_with_fewer_than_five_classes_equal_clip_benchmarks(
+    tiny_clip, tmp_path, rng, monkeypatch
+):
+    model, tokenizer, preprocess = tiny_clip
+    monkeypatch.setattr(zeroshot_classification, "float", float_of_one_element, raising=False)
+    classnames = CLASSNAMES[:3]
+    samples = [(random_image(rng), int(rng.integers(0, 3))) for _ in range(12)]
+    root = write_benchmark(tmp_path / "three", samples, classnames=classnames, templates=TEMPLATES)
+
+    expected = zeroshot_classification.evaluate(
+        model, clip_benchmark_loader(root, preprocess), tokenizer,
+        classnames, TEMPLATES, device="cpu", amp=False,
+    )  # fmt: skip
+    metrics = evaluate_zeroshot(
+        model, tokenizer, preprocess, root, batch_size=BATCH_SIZE, progress=False
+    )
+
+    assert np.isnan(expected["acc5"]) and np.isnan(metrics["acc5"])
+    assert metrics == pytest.approx(expected, rel=0, abs=1e-12, nan_ok=True)
+
+
 def test_zeroshot_classifier_and_logits_equal_clip_benchmarks(tiny_clip, classification_root):
     model, tokenizer, preprocess = tiny_clip
 

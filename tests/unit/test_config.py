@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from vlp.config import ConfigError, RunConfig, dump_config, load_config
+from vlp.train.checks import load_run_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -106,17 +107,17 @@ def test_data_source_must_be_exactly_one(tmp_path):
 
 def test_unknown_objective_lists_known_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"objectives\[0\].name: unknown objective 'clipp'.*clip"):
-        load_config(write(tmp_path, minimal(objectives=[{"name": "clipp"}])))
+        load_run_config(write(tmp_path, minimal(objectives=[{"name": "clipp"}])))
 
 
 def test_unknown_objective_parameter_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'objectives\[0\].temperature'"):
-        load_config(write(tmp_path, minimal(objectives=[{"name": "clip", "temperature": 2}])))
+        load_run_config(write(tmp_path, minimal(objectives=[{"name": "clip", "temperature": 2}])))
 
 
 def test_unknown_backend_is_named(tmp_path):
     with pytest.raises(ConfigError, match="loss.backend: unknown 'rings'"):
-        load_config(write(tmp_path, minimal(loss={"backend": "rings"})))
+        load_run_config(write(tmp_path, minimal(loss={"backend": "rings"})))
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from vlp.cli import main as vlp_main
 from data_tools import cc_tsv, fashion_mnist, karpathy_captions, laion_parquet
+from vlp.cli import main as vlp_main
 from vlp.eval.benchmark_data import iter_batches, read_benchmark
 
 

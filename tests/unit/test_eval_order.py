@@ -1,5 +1,6 @@
 """ARO's COCO/Flickr30k-Order: perturbations (vlp.eval.perturbations), word-class tagging
-(vlp.eval.tagging) and precision@1 scoring (vlp.eval.order)."""
+(vlp.eval.tagging) and precision@1 scoring (vlp.eval.order), under ARO's protocol and vlp's
+strict one."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from vlp.data.shapesworld import (
     sample_scene,
 )
 from vlp.eval.benchmark_data import write_benchmark
-from vlp.eval.order import evaluate_order, order_metrics
+from vlp.eval.order import aro_precision_at_1, evaluate_order, strict_order_metrics
 from vlp.eval.perturbations import (
     PERTURBATIONS,
+    make_aro_case,
     make_order_case,
     pre_caption,
     shuffle_allbut_nouns_and_adj,
@@ -162,19 +164,70 @@ def test_build_tagger_rejects_unknown_names():
         build_tagger("nltk")
 
 
-def test_precision_at_1_needs_the_caption_to_beat_all_four_and_ties_are_wrong():
+def test_strict_precision_at_1_needs_the_caption_to_beat_all_four_and_ties_are_wrong():
     true = torch.tensor([0.9, 0.9, 0.5, 0.5])
     negatives = torch.tensor([[0.1, 0.2, 0.3, 0.4],   # right
                               [0.1, 0.95, 0.3, 0.4],  # one negative wins
                               [0.5, 0.1, 0.1, 0.1],   # tie with the first
                               [0.1, 0.1, 0.1, 0.1]])  # right
 
-    metrics = order_metrics(true, negatives)
+    metrics = strict_order_metrics(true, negatives)
 
-    assert metrics["precision@1"] == 0.5
-    assert metrics["pairwise_shuffle_nouns_and_adj"] == 0.75
-    assert metrics["pairwise_shuffle_allbut_nouns_and_adj"] == 0.75
-    assert list(metrics)[1:] == [f"pairwise_{name}" for name in PERTURBATIONS]
+    assert metrics["strict_precision@1"] == 0.5
+    assert metrics["strict_pairwise_shuffle_nouns_and_adj"] == 0.75
+    assert metrics["strict_pairwise_shuffle_allbut_nouns_and_adj"] == 0.75
+    assert list(metrics)[1:] == [f"strict_pairwise_{name}" for name in PERTURBATIONS]
+
+
+def test_aro_precision_at_1_credits_ties_to_the_true_caption_as_argmax_does():
+    true = torch.tensor([0.9, 0.9, 0.5, 0.5])
+    negatives = torch.tensor([[0.1, 0.2, 0.3, 0.4],   # right
+                              [0.1, 0.95, 0.3, 0.4],  # one negative wins: wrong
+                              [0.5, 0.1, 0.1, 0.1],   # tie with the first: argmax picks index 0
+                              [0.5, 0.5, 0.5, 0.5]])  # all five tie: right
+
+    assert aro_precision_at_1(true, negatives) == 0.75
+
+
+class ReversingRandom(random.Random):
+    """`shuffle` reverses, so every perturbation can be worked out by hand."""
+
+    def shuffle(self, x):
+        x.reverse()
+
+
+TAGS = {"the": OTHER, "small": ADJ, "dog": NOUN, "sees": OTHER, "a": OTHER, "red": ADJ,
+        "ball": NOUN, ".": OTHER}
+
+
+def table_tagger(text: str):
+    """Spaces split words, a full stop is a token; tags from TAGS; case kept, as spaCy keeps it."""
+    tokens = text.replace(".", " .").split()
+    return [(t, TAGS.get(t.lower(), OTHER)) for t in tokens]
+
+
+def test_aro_case_perturbs_the_raw_tokens_then_normalises_as_aro_does():
+    case = make_aro_case("The small dog sees a red ball.", table_tagger, ReversingRandom())
+
+    assert case.caption == "the small dog sees a red ball"
+    assert case.negatives == (
+        "the red ball sees a small dog",   # nouns (dog, ball) and adjectives (small, red) swapped
+        "small dog a sees red ball the",   # ". small dog a sees red ball The", "." dropped
+        "dog small the red a sees ball",   # [dog small The] [red a sees] [. ball]
+        "ball sees a red the small dog",   # [ball .] [sees a red] [The small dog]
+    )
+
+
+def test_aro_case_keeps_unchanged_shuffles_and_truncates_after_perturbing():
+    case = make_aro_case("a b c d e f", table_tagger, ReversingRandom(), max_words=3)
+
+    assert case.caption == "a b c"
+    assert case.negatives == (
+        "a b c",  # no nouns or adjectives: unchanged, and kept (vlp's strict protocol redraws)
+        "f e d",  # "f e d c b a" truncated to three words
+        "c b a",  # "c b a f e d"
+        "d e f",  # "d e f a b c"
+    )
 
 
 # --------------------------------------------------------------------------- end to end
@@ -235,9 +288,13 @@ def test_order_aware_model_scores_one_and_bag_of_words_model_scores_zero(caption
     bow_result = evaluate_order(bow, bow.tokenizer, red_value, captions_root, batch_size=2,
                                 tagger="rules", progress=False)
 
+    assert aware_result.metrics["strict_precision@1"] == 1.0
+    assert bow_result.metrics["strict_precision@1"] == 0.0
+    # ARO's protocol: every option of a bag-of-words model ties, and ties go to the caption
+    assert bow_result.metrics["precision@1"] == 1.0
     assert aware_result.metrics["precision@1"] == 1.0
-    assert bow_result.metrics["precision@1"] == 0.0  # ARO's argmax would have given it 1.0
     assert aware_result.details["num_cases"] == 6
+    assert any("ARO's protocol" in note for note in bow_result.notes)
     assert any("rule-based" in note for note in aware_result.notes)
 
 

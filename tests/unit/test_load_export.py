@@ -27,6 +27,7 @@ from vlp.models.hf_clip import (
     incompatibilities,
     to_hf_state_dict,
 )
+from vlp.train.checks import load_run_config
 
 TEXTS = ["a small red circle above a blue star", "a large green square."]
 
@@ -306,13 +307,13 @@ def test_export_into_a_non_empty_folder_needs_overwrite(tiny, tmp_path):
 def test_model_config_errors_name_the_key(tmp_path):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld-tiny.yaml"
     with pytest.raises(ConfigError, match="model.lock_text_unlocked_layers needs model.lock_text"):
-        load_config(recipe, ["model.lock_text_unlocked_layers=2"])
+        load_run_config(recipe, ["model.lock_text_unlocked_layers=2"])
     with pytest.raises(ConfigError, match="model.hf_text_pooler must be mean or cls"):
-        load_config(recipe, ["model.hf_text_pooler=max"])
+        load_run_config(recipe, ["model.hf_text_pooler=max"])
     with pytest.raises(ConfigError, match="model.pretrained: no such weights file or folder"):
-        load_config(recipe, [f"model.pretrained=hf:{tmp_path / 'none'}"])
+        load_run_config(recipe, [f"model.pretrained=hf:{tmp_path / 'none'}"])
     with pytest.raises(ConfigError, match="model.hf_text_model: .*not a transformers model"):
-        load_config(recipe, [f"model.hf_text_model={tmp_path}"])
+        load_run_config(recipe, [f"model.hf_text_model={tmp_path}"])
 
 
 # ---------------------------------------------------------------- checkpoints that are what they claim

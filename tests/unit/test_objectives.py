@@ -12,12 +12,13 @@ import torch.nn.functional as F
 import yaml
 from open_clip.loss import ClipLoss, CoCaLoss, SigLipLoss
 
-from vlp.config import ConfigError, ObjectiveSpec, load_config
+from vlp.config import ConfigError, ObjectiveSpec
 from vlp.distributed import build_backend
 from vlp.models import DualEncoder, build_model
 from vlp.models.captioning import generate_captions
 from vlp.objectives import OBJECTIVES, build_objectives
 from vlp.objectives.align_uniform import AlignUniformObjective
+from vlp.train.checks import load_run_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -271,10 +272,10 @@ def placeholder(recipe: Path, section: str, key: str) -> str | None:
 def test_every_shipped_recipe_loads(recipe, tmp_path):
     shards = placeholder(recipe, "data", "shards")
     if shards is None:
-        load_config(recipe)
+        load_run_config(recipe)
         return
     with pytest.raises(ConfigError, match=f"data.shards: shard not found: {shards.split('{')[0]}"):
-        load_config(recipe)
+        load_run_config(recipe)
     shard = tmp_path / "train-0.tar"
     shard.write_bytes(b"")
     overrides = [f"data.shards={shard}"]
@@ -282,7 +283,7 @@ def test_every_shipped_recipe_loads(recipe, tmp_path):
         weights = tmp_path / "weights.safetensors"
         weights.write_bytes(b"")
         overrides.append(f"model.pretrained={weights}")
-    cfg = load_config(recipe, overrides)
+    cfg = load_run_config(recipe, overrides)
     assert cfg.data.shards == str(shard)
 
 
@@ -292,16 +293,16 @@ def test_objective_recipes_pick_their_objectives_and_model_outputs(tmp_path):
     weights.write_bytes(b"")
     over = [f"data.shards={shard}"]
     finetune = [*over, f"model.pretrained={weights}"]
-    siglip = load_config(RECIPES / "siglip-vit-b16.yaml", over)
+    siglip = load_run_config(RECIPES / "siglip-vit-b16.yaml", over)
     assert siglip.model.init_logit_bias == -10 and math.isclose(
         siglip.model.init_logit_scale, math.log(10), rel_tol=1e-6)
-    coca = load_config(RECIPES / "coca-vit-b32.yaml", over)
+    coca = load_run_config(RECIPES / "coca-vit-b32.yaml", over)
     assert coca.model.name == "coca_ViT-B-32"
     params = coca.objectives[0].params
     assert (params["contrastive_weight"], params["caption_weight"]) == (1.0, 2.0)
-    negclip = load_config(RECIPES / "negclip-finetune.yaml", finetune)
+    negclip = load_run_config(RECIPES / "negclip-finetune.yaml", finetune)
     assert negclip.data.num_negatives >= 1 and negclip.optim.lr == 1e-6
-    gap = load_config(RECIPES / "gap-cua.yaml", finetune)
+    gap = load_run_config(RECIPES / "gap-cua.yaml", finetune)
     assert [o.name for o in gap.objectives] == ["clip", "align_uniform"]
 
 
@@ -316,22 +317,22 @@ def recipe(tmp_path: Path, objectives: list, **model) -> Path:
 def test_negclip_without_negatives_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"objectives\[0\]: objective 'negclip' needs "
                                           r"hard-negative captions.*data.num_negatives > 0"):
-        load_config(recipe(tmp_path, [{"name": "negclip"}]), ["data.num_negatives=0"])
-    load_config(recipe(tmp_path, [{"name": "negclip"}]), ["data.num_negatives=2"])
+        load_run_config(recipe(tmp_path, [{"name": "negclip"}]), ["data.num_negatives=0"])
+    load_run_config(recipe(tmp_path, [{"name": "negclip"}]), ["data.num_negatives=2"])
 
 
 def test_siglip_without_logit_bias_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"objectives\[0\]: objective 'siglip' needs the model "
                                           r"output 'logit_bias'.*model.init_logit_bias"):
-        load_config(recipe(tmp_path, [{"name": "siglip"}]))
-    load_config(recipe(tmp_path, [{"name": "siglip"}], init_logit_bias=-10))
+        load_run_config(recipe(tmp_path, [{"name": "siglip"}]))
+    load_run_config(recipe(tmp_path, [{"name": "siglip"}], init_logit_bias=-10))
 
 
 def test_coca_with_a_non_coca_model_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"objectives\[1\]: objective 'coca' needs the model "
                                           r"output 'logits'.*vlp-tiny-coca"):
-        load_config(recipe(tmp_path, [{"name": "clip"}, {"name": "coca"}]))
-    load_config(recipe(tmp_path, [{"name": "coca"}]), ["model.name=vlp-tiny-coca"])
+        load_run_config(recipe(tmp_path, [{"name": "clip"}, {"name": "coca"}]))
+    load_run_config(recipe(tmp_path, [{"name": "coca"}]), ["model.name=vlp-tiny-coca"])
 
 
 @pytest.mark.parametrize("params, message", [
@@ -340,13 +341,13 @@ def test_coca_with_a_non_coca_model_is_a_config_error(tmp_path):
 ])
 def test_bad_coca_parameter_is_named(tmp_path, params, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(recipe(tmp_path, [{"name": "coca", **params}]),
+        load_run_config(recipe(tmp_path, [{"name": "coca", **params}]),
                     ["model.name=vlp-tiny-coca"])
 
 
 def test_non_positive_align_uniform_scale_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"objectives\[0\]: .*align_uniform: t must be > 0, got 0"):
-        load_config(recipe(tmp_path, [{"name": "align_uniform", "t": 0}]))
+        load_run_config(recipe(tmp_path, [{"name": "align_uniform", "t": 0}]))
     with pytest.raises(ValueError, match="align_uniform: alpha must be > 0"):
         AlignUniformObjective.Config(alpha=-1.0)
 

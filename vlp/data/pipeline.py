@@ -8,7 +8,7 @@ member) are skipped, logged with their shard and key, and counted; each batch ca
 worker's running count so the trainer can report it, and its stream position so a resumed run
 continues exactly where the last one stopped.
 
-Batch (DESIGN §3): `image` (B,3,H,W) float, `text` (B,L) token ids, `key` list of sample ids,
+Batch (docs/design.md §3): `image` (B,3,H,W) float, `text` (B,L) token ids, `key` list of sample ids,
 `neg_text` (B,K,L) when K = `num_negatives` > 0 (hard-negative captions drawn from the sample
 json's `neg_captions`), plus `worker`, `skipped` (the worker's cumulative skip count) and
 `position` ((round, offset) of the worker's stream after this batch; see `StreamPosition`).
@@ -31,6 +31,7 @@ from vlp.data.limits import DEFAULT_LIMITS, SampleLimits, read_caption, read_ima
 from vlp.data.sources import HFSource, ShardSource, Stream
 from vlp.data.sources import expand_shards as expand_shards  # re-exported
 from vlp.data.tar_reader import DAMAGE, IMAGE_EXTENSIONS
+from vlp.stop_signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def build_train_loader(
         prefetch_factor=4 if num_workers > 0 else None,
         # workers' seeds come from here, not from the global RNG a resume restores
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,  # the main process stops them (vlp.stop_signals)
     )
 
 

@@ -1,4 +1,4 @@
-"""ShapesWorld: a procedural image-text world with exact hard negatives (DESIGN §6).
+"""ShapesWorld: a procedural image-text world with exact hard negatives (docs/design.md §6).
 
 A scene holds one or two coloured shapes on a black background; a two-object scene has one
 spatial relation of object 0 to object 1. Captions come in several phrasings and are built

@@ -1,4 +1,4 @@
-"""Write ShapesWorld to disk: training shards and every evaluation set, in the formats of DESIGN §5.
+"""Write ShapesWorld to disk: training shards and every evaluation set, in the formats of docs/design.md §5.
 
 Layout under ``out_dir``::
 

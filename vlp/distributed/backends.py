@@ -4,7 +4,7 @@ Shapes: b local batch, D feature dim, K hard negatives per image.
 
 Every backend takes this rank's L2-normalised features and returns the loss on the global batch;
 after DDP's mean over ranks every parameter gradient equals that of the loss computed on the
-whole global batch in one process (DESIGN §3). Backends:
+whole global batch in one process (docs/design.md §3). Backends:
 
 - local:  the batch of this process only (one process, no collectives).
 - gather: all-gather features with grad, (b, B) logits per rank (open_clip style).

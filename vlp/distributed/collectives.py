@@ -47,6 +47,12 @@ class Ring:
             return cls(group=None, rank=0, size=1)
         return cls(group=group, rank=dist.get_rank(group), size=dist.get_world_size(group))
 
+    def process_group(self) -> ProcessGroup | None:
+        """The group itself (the default group when `group` is None; None without one)."""
+        if self.group is not None or not dist.is_initialized():
+            return self.group
+        return dist.group.WORLD
+
     def _global_rank(self, group_rank: int) -> int:
         if self.group is None:
             return group_rank

@@ -10,7 +10,7 @@ the image->text direction) as the blocks travel the ring (send to r+1, receive f
 transfer is posted before the current block is computed). Tiles (t, t) of a block are reduced on
 the fly; per-column results (column log-sum-exp in the forward, dy / dn in the backward) travel
 with their block and arrive back at its owner after W steps. Inf-CL ("Breaking the Memory
-Barrier", DESIGN §4) computes the same quantities; here one pass over S serves both softmax
+Barrier", docs/design.md §4) computes the same quantities; here one pass over S serves both softmax
 directions (row LSE = image->text, column LSE = text->image), so the softmax costs one tile
 matmul in the forward and three in the backward (open_clip's gather: two and four).
 
@@ -21,6 +21,13 @@ Memory per rank: the current and the incoming column block, the row accumulators
 three column-result blocks (being computed, being sent, being received), i.e. O((1 + K)·b·D),
 plus a few (t, t) tile temporaries. Only x, y, n and the two LSE vectors (b) are saved for the
 backward (softmax); the sigmoid keeps its finished (b, D) gradients instead.
+
+Precision: tiles are computed and reduced in float32 (float64 for float64 features): the
+operands are upcast once per block, so with bf16/fp16 features the loss is the float32 loss of
+the rounded features, not one of similarities rounded to half precision (bf16 rounds x·y by up
+to 2⁻⁹, so logits at scale 100 by up to 0.2). The positive logits s·x_i·y_i are read from the
+very tiles the LSEs come from, so LSE ≥ positive holds exactly and the softmax loss is never
+negative from rounding. Features travel the ring in their own dtype.
 
 Gradient semantics (both losses). L is the loss on the global batch. Every rank returns the
 value of L. Backward on rank r yields W·dL/dx_r, W·dL/dy_r, W·dL/dn_r for its own features
@@ -36,7 +43,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
@@ -81,105 +87,177 @@ def _tiles(length: int, tile_size: int) -> list[slice]:
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics and gradients are accumulated in at least float32."""
+    """Tiles, softmax statistics and gradients are computed in at least float32."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _similarity(rows: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
-    """rows·columnsᵀ in the features' dtype, then in `dtype` (same in forward and backward)."""
-    return (rows @ columns.T).to(dtype)  # (t, t)
-
-
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1))  # Σ a ⊙ b without a (t, t) temporary
+    return torch.dot(a.reshape(-1), b.reshape(-1))  # Σ a ⊙ b without a temporary
 
 
 def _zeros(like: Tensor, dtype: torch.dtype, shape: Sequence[int] = ()) -> Tensor:
     return torch.zeros(shape, dtype=dtype, device=like.device)
 
 
-def _block_lse(
-    x: Tensor, columns: Tensor, s: Tensor, tile_size: int, *, row_lse: Tensor, with_columns: bool
-) -> Tensor | None:
-    """Merge each row's log-sum-exp of s·x·columnsᵀ into `row_lse`; return the columns' LSE.
+class _TileBuffers:
+    """Three reusable scratch tiles (at most t × t), so a block's tiles allocate nothing.
 
-    Reduced tile by tile; the column LSE covers this rank's rows only.
+    Fresh tile-sized tensors cost page faults on CPU (glibc maps blocks this large anew each
+    time) and allocator traffic on GPU; views of one flat buffer stay contiguous whatever the
+    tile's shape.
     """
-    dtype = row_lse.dtype
-    col_lse = x.new_full((columns.shape[0],), float("-inf"), dtype=dtype) if with_columns else None
-    for i in _tiles(x.shape[0], tile_size):
+
+    def __init__(self, rows: Tensor, columns: Tensor, tile_size: int, dtype: torch.dtype) -> None:
+        numel = min(tile_size, rows.shape[0]) * min(tile_size, columns.shape[0])
+        self._flat = [torch.empty(numel, dtype=dtype, device=rows.device) for _ in range(3)]
+
+    def logits(self, rows: Tensor, columns: Tensor, bias: Tensor | None = None) -> Tensor:
+        """rows·columnsᵀ (+ bias) into the first buffer; operands already in float32+."""
+        out = self._flat[0][: rows.shape[0] * columns.shape[0]].view(
+            rows.shape[0], columns.shape[0]
+        )
+        torch.mm(rows, columns.T, out=out)
+        return out if bias is None else out.add_(bias)
+
+    def scratch(self, like: Tensor, index: int = 1) -> Tensor:
+        return self._flat[index][: like.numel()].view(like.shape)
+
+
+def _lse(logits: Tensor, dim: int, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """logsumexp of finite logits along `dim`, and the peaks it shifted by (keepdim).
+
+    The shifted exponentials are left in `scratch`.
+    """
+    peak = logits.amax(dim, keepdim=True)
+    torch.sub(logits, peak, out=scratch).exp_()
+    return scratch.sum(dim).log_().add_(peak.squeeze(dim)), peak
+
+
+COLUMNS_FROM_ROWS_RANGE = 40.0
+"""Largest spread of a tile's column maxima for which `_column_lse` reuses the row exponentials."""
+
+
+def _column_lse(logits: Tensor, row_exps: Tensor, row_peak: Tensor) -> Tensor:
+    """logsumexp of each column of a tile whose row-shifted exponentials are in `row_exps`.
+
+    Σ_i exp(l_ij) = e^M · Σ_i exp(l_ij − m_i)·exp(m_i − M) (m_i row maxima, M the tile's): one
+    matrix-vector product instead of a second subtract-and-exp pass over the tile. Terms below
+    e^-87 of e^M underflow in float32, which is harmless while every column's largest term is
+    within e^-40 of e^M (the lost terms are then < e^-47 of the column's sum); otherwise, and
+    on accelerators (the check reads a value on the host), the column LSE is computed directly.
+    """
+    top = row_peak.max()
+    if logits.device.type == "cpu" and top - logits.amax(0).min() < COLUMNS_FROM_ROWS_RANGE:
+        weights = torch.sub(row_peak.squeeze(1), top).exp_()
+        return torch.mv(row_exps.T, weights).log_().add_(top)
+    return _lse(logits, 0, row_exps)[0]
+
+
+def _softplus_sum(logits: Tensor, scratch: Tensor, scratch2: Tensor) -> Tensor:
+    """Σ softplus(logits) = Σ max(l, 0) + log1p(exp(−|l|)), with a vectorised log1p.
+
+    torch's log1p (and so softplus) is not vectorised on CPU and costs ~6× a log; log1p(u) is
+    log(w) − ((w − 1) − u)/w for w = 1 + u rounded, where (w − 1) − u is exact: the rounding
+    error of w, corrected to first order (the next term is below 1e-14).
+    """
+    u = torch.abs(logits, out=scratch).neg_().exp_()
+    w_minus_1 = torch.add(u, 1, out=scratch2).sub_(1)
+    rounding = torch.sub(w_minus_1, u, out=scratch)
+    w = w_minus_1.add_(1)
+    correction = rounding.div_(w)
+    log1p = w.log_().sub_(correction)
+    return log1p.add_(torch.clamp_min(logits, 0, out=scratch)).sum()
+
+
+def _block_lse(
+    xs: Tensor,
+    columns: Tensor,
+    tile_size: int,
+    *,
+    row_lse: Tensor,
+    with_columns: bool,
+    positive: Tensor | None = None,
+) -> Tensor | None:
+    """Merge each row's log-sum-exp of xs·columnsᵀ into `row_lse`; return the columns' LSE.
+
+    xs: this rank's rows already multiplied by the scale, in float32+ (as `columns`). Reduced
+    tile by tile; the column LSE covers this rank's rows only. With `positive` (the own block),
+    the diagonal logits are copied into it from the very tiles the LSEs come from, so that
+    LSE ≥ positive holds exactly and the loss is never negative from rounding.
+    """
+    buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
+    col_lse = xs.new_full((columns.shape[0],), float("-inf"), dtype=row_lse.dtype)
+    for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
-            logits = _similarity(x[i], columns[j], dtype).mul_(s)
-            torch.logaddexp(row_lse[i], logits.logsumexp(1), out=row_lse[i])
-            if col_lse is not None:
-                torch.logaddexp(col_lse[j], logits.logsumexp(0), out=col_lse[j])
-    return col_lse
+            logits = buffers.logits(xs[i], columns[j])
+            if positive is not None and i == j:
+                positive[i] = logits.diagonal()
+            scratch = buffers.scratch(logits)
+            tile_row_lse, row_peak = _lse(logits, 1, scratch)
+            torch.logaddexp(row_lse[i], tile_row_lse, out=row_lse[i])
+            if with_columns:
+                tile_col_lse = _column_lse(logits, scratch, row_peak)
+                torch.logaddexp(col_lse[j], tile_col_lse, out=col_lse[j])
+    return col_lse if with_columns else None
 
 
 def _block_softmax_grads(
+    xs: Tensor,
     x: Tensor,
     columns: Tensor,
-    s: Tensor,
     tile_size: int,
     *,
     row_lse: Tensor,
     col_lse: Tensor | None,
-    coef: Tensor,
     dx: Tensor,
-    ds: Tensor,
 ) -> Tensor:
-    """Gradients of coef·(Σ_rows LSE_row [+ Σ_cols LSE_col]): add to dx, ds; return dcolumns.
+    """Probability-weighted sums of one block's tiles: dx += P·c; returns Pᵀ·x.
 
-    Recomputes each tile's probabilities P = exp(s·x·cᵀ − lse) from the saved LSEs;
-    dx += P·c, dc = Pᵀ·x (both still to be multiplied by s), ds += Σ P ⊙ (x·cᵀ).
+    P = exp(xs·cᵀ − row_lse) [+ exp(xs·cᵀ − col_lse)] is recomputed from the saved LSEs; the
+    caller multiplies by the incoming gradient and the scale afterwards (once per block, not
+    once per tile), and gets the scale's gradient from Σ x ⊙ dx.
     """
-    dtype = row_lse.dtype
-    dcols = _zeros(x, dtype, columns.shape)
-    for i in _tiles(x.shape[0], tile_size):
-        x_i = x[i].to(dtype)
+    buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
+    dcols = _zeros(x, row_lse.dtype, columns.shape)
+    for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
-            sim = _similarity(x[i], columns[j], dtype)
-            logits = sim * s
-            p = torch.sub(logits, row_lse[i, None]).exp_()
+            logits = buffers.logits(xs[i], columns[j])
+            p = torch.sub(logits, row_lse[i, None], out=buffers.scratch(logits)).exp_()
             if col_lse is not None:
                 p += logits.sub_(col_lse[None, j]).exp_()
-            p *= coef
-            ds += _flat_dot(p, sim)
-            dx[i].addmm_(p, columns[j].to(dtype))
-            dcols[j].addmm_(p.T, x_i)
+            dx[i].addmm_(p, columns[j])
+            dcols[j].addmm_(p.T, x[i])
     return dcols
 
 
 def _block_sigmoid(
+    xs: Tensor,
     x: Tensor,
     columns: Tensor,
-    s: Tensor,
     bias: Tensor,
     tile_size: int,
     *,
     loss: Tensor,
-    grads: tuple[Tensor, Tensor, Tensor] | None,
+    grads: tuple[Tensor, Tensor] | None,
 ) -> Tensor | None:
-    """Add Σ softplus(s·x·cᵀ + bias) to `loss` and, if asked, the gradients of that sum.
+    """Add Σ softplus(xs·cᵀ + bias) to `loss` and, if asked, the sums its gradients need.
 
-    grads = (dx, ds, dbias) accumulators (dx still to be multiplied by s); returns dcolumns
-    (also still to be multiplied by s), or None when gradients are not asked for.
+    grads = (dx, dbias) accumulators: dx += σ·c, dbias += Σ σ; returns σᵀ·x (the caller
+    multiplies by the scale, and gets the scale's gradient from Σ x ⊙ dx), or None when
+    gradients are not asked for.
     """
-    dtype = loss.dtype
-    dcols = None if grads is None else _zeros(x, dtype, columns.shape)
-    for i in _tiles(x.shape[0], tile_size):
-        x_i = x[i].to(dtype)
+    buffers = _TileBuffers(xs, columns, tile_size, loss.dtype)
+    dcols = None if grads is None else _zeros(x, loss.dtype, columns.shape)
+    for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
-            sim = _similarity(x[i], columns[j], dtype)
-            logits = sim * s + bias
-            loss += F.softplus(logits).sum()
+            logits = buffers.logits(xs[i], columns[j], bias)
+            loss += _softplus_sum(logits, buffers.scratch(logits), buffers.scratch(logits, 2))
             if grads is not None and dcols is not None:
-                dx, ds, dbias = grads
+                dx, dbias = grads
                 p = logits.sigmoid_()
-                ds += _flat_dot(p, sim)
                 dbias += p.sum()
-                dx[i].addmm_(p, columns[j].to(dtype))
-                dcols[j].addmm_(p.T, x_i)
+                dx[i].addmm_(p, columns[j])
+                dcols[j].addmm_(p.T, x[i])
     return dcols
 
 
@@ -195,10 +273,6 @@ def _add_(part: Tensor, earlier: Tensor) -> Tensor:
 
 def _logaddexp_(part: Tensor, earlier: Tensor) -> Tensor:
     return torch.logaddexp(part, earlier, out=part)
-
-
-def _positive_logits(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
-    return (x.to(dtype) * y.to(dtype)).sum(-1)  # (b,) x_i·y_i
 
 
 class _RingSoftmaxLoss(torch.autograd.Function):
@@ -217,16 +291,27 @@ class _RingSoftmaxLoss(torch.autograd.Function):
         with _without_autocast(x):
             dtype = _acc_dtype(x.dtype)
             s = logit_scale.detach().to(dtype).reshape(())
+            xs = x.to(dtype) * s
             row_lse = x.new_full((x.shape[0],), float("-inf"), dtype=dtype)
+            positive = x.new_empty((x.shape[0],), dtype=dtype)  # s·x_i·y_i, from the tiles
 
             def visit(block: list[Tensor]) -> list[Tensor]:
-                col_lse = _block_lse(x, block[0], s, tile_size, row_lse=row_lse, with_columns=True)
+                own = positive if block[0] is y else None
+                col_lse = _block_lse(
+                    xs,
+                    block[0].to(dtype),
+                    tile_size,
+                    row_lse=row_lse,
+                    with_columns=True,
+                    positive=own,
+                )
                 if n is not None:
-                    _block_lse(x, block[1], s, tile_size, row_lse=row_lse, with_columns=False)
+                    _block_lse(
+                        xs, block[1].to(dtype), tile_size, row_lse=row_lse, with_columns=False
+                    )
                 return [col_lse]
 
             (col_lse,) = ring_pass(ring, [y] if n is None else [y, n], visit, _logaddexp_)
-            positive = s * _positive_logits(x, y, dtype)
             global_batch = ring.size * x.shape[0]
             # This rank's rows' and columns' share of the global loss; the shares sum to L.
             share = ((row_lse - positive).sum() + (col_lse - positive).sum()) / (2 * global_batch)
@@ -242,23 +327,23 @@ class _RingSoftmaxLoss(torch.autograd.Function):
             ring: Ring = ctx.ring
             dtype = row_lse.dtype
             s = logit_scale.detach().to(dtype).reshape(())
+            xf, yf = x.to(dtype), y.to(dtype)
+            xs = xf * s  # the forward's very operands, so the tiles' logits are the same
             global_batch = ring.size * x.shape[0]
             # × W: DDP divides the summed per-rank gradients by W (see module docstring).
             coef = grad_loss.to(dtype) * ring.size / (2 * global_batch)
-            dx, ds = _zeros(x, dtype, x.shape), _zeros(x, dtype)
+            p_sums = _zeros(x, dtype, x.shape)  # Σ_j P_ij·c_j over every block's columns
 
             def block_grads(columns: Tensor, col_lse_block: Tensor | None) -> Tensor:
                 return _block_softmax_grads(
-                    x,
-                    columns,
-                    s,
+                    xs,
+                    xf,
+                    columns.to(dtype),
                     ctx.tile_size,
                     row_lse=row_lse,
                     col_lse=col_lse_block,
-                    coef=coef,
-                    dx=dx,
-                    ds=ds,
-                )
+                    dx=p_sums,
+                ).mul_(coef * s)
 
             def visit(block: list[Tensor]) -> list[Tensor]:
                 dy_block = block_grads(block[0], block[-1])
@@ -266,13 +351,13 @@ class _RingSoftmaxLoss(torch.autograd.Function):
 
             block = [y, col_lse] if n is None else [y, n, col_lse]
             column_grads = ring_pass(ring, block, visit, _add_)
-            # The tiles' dx, dy, dn still miss the factor s. Positive pairs: dL/dlogit_ii has an
-            # extra −1/B (1/(2B) per direction).
+            # dL/dlogit_ij = coef·P_ij, and the positive pairs have an extra −2·coef (−1/(2B)
+            # per direction); logit_ij = s·x_i·c_j, so ds = coef·Σ P ⊙ x·cᵀ = coef·Σ x ⊙ p_sums.
             minus_positive = -2 * coef * s
-            dx = dx.mul_(s).addcmul_(y.to(dtype), minus_positive)
-            dy = column_grads[0].mul_(s).addcmul_(x.to(dtype), minus_positive)
-            ds = ds.sub_(2 * coef * _positive_logits(x, y, dtype).sum())
-            dn = None if n is None else column_grads[1].mul_(s).to(n.dtype)
+            ds = coef * (_flat_dot(xf, p_sums) - 2 * _flat_dot(xf, yf))
+            dx = p_sums.mul_(coef * s).addcmul_(yf, minus_positive)
+            dy = column_grads[0].addcmul_(xf, minus_positive)
+            dn = None if n is None else column_grads[1].to(n.dtype)
             grad_scale = ds.to(logit_scale.dtype).reshape(logit_scale.shape)
             return dx.to(x.dtype), dy.to(y.dtype), dn, grad_scale, None, None
 
@@ -301,39 +386,33 @@ class _RingSigmoidLoss(torch.autograd.Function):
             dtype = _acc_dtype(x.dtype)
             s = logit_scale.detach().to(dtype).reshape(())
             bias = logit_bias.detach().to(dtype).reshape(())
+            xf, yf = x.to(dtype), y.to(dtype)
+            xs = xf * s
             loss_sum = _zeros(x, dtype)
-            grads = (
-                (_zeros(x, dtype, x.shape), _zeros(x, dtype), _zeros(x, dtype))
-                if with_grads
-                else None
-            )
+            grads = (_zeros(x, dtype, x.shape), _zeros(x, dtype)) if with_grads else None
 
             def visit(block: list[Tensor]) -> list[Tensor]:
                 dy_block = _block_sigmoid(
-                    x,
-                    block[0],
-                    s,
-                    bias,
-                    tile_size,
-                    loss=loss_sum,
-                    grads=grads,
+                    xs, xf, block[0].to(dtype), bias, tile_size, loss=loss_sum, grads=grads
                 )
                 return [] if dy_block is None else [dy_block]
 
             column_grads = ring_pass(ring, [y], visit, _add_)
             # Σ_pairs −logsigmoid(±logit) = Σ_pairs softplus(logit) − Σ_diagonal logit.
-            positive_sim = _positive_logits(x, y, dtype)
+            positive_sim = _flat_dot(xf, yf)
             num_rows = x.shape[0]
             global_batch = ring.size * num_rows
-            share = (loss_sum - (s * positive_sim + bias).sum()) / global_batch
+            share = (loss_sum - s * positive_sim - num_rows * bias) / global_batch
             if grads is not None:
-                (dx, ds, dbias), (dy,) = grads, column_grads
-                # d/dlogit = (sigmoid(logit) − [diagonal]) / B, × W for DDP's mean over ranks.
+                (dx, dbias), (dy,) = grads, column_grads
+                # d/dlogit = (sigmoid(logit) − [diagonal]) / B, × W for DDP's mean over ranks;
+                # logit_ij = s·x_i·y_j + bias, so ds = Σ σ ⊙ x·yᵀ − Σ x_i·y_i = Σ x ⊙ dx − ….
                 coef = ring.size / global_batch
+                ds = (_flat_dot(xf, dx) - positive_sim).mul_(coef)
                 ctx.save_for_backward(
-                    dx.mul_(s).addcmul_(y.to(dtype), -s).mul_(coef),
-                    dy.mul_(s).addcmul_(x.to(dtype), -s).mul_(coef),
-                    ds.sub_(positive_sim.sum()).mul_(coef),
+                    dx.mul_(s).addcmul_(yf, -s).mul_(coef),
+                    dy.mul_(s).addcmul_(xf, -s).mul_(coef),
+                    ds,
                     dbias.sub_(num_rows).mul_(coef),
                 )
             ctx.input_meta = [(t.dtype, t.shape) for t in (x, y, logit_scale, logit_bias)]

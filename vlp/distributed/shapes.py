@@ -51,14 +51,31 @@ def check_local(
             raise ValueError(f"logit scale/bias must be scalar tensors; got {tuple(scalar.shape)}")
 
 
+_AGREED: dict[int, tuple[object, set[tuple[int, int, int]]]] = {}
+"""Per process group (by id, the group kept alive): the (b, D, K) every rank has agreed on."""
+
+
 def check_same_on_every_rank(
     image_features: Tensor, neg_text_features: Tensor | None, ring: Ring
 ) -> None:
-    """Raise ValueError unless b, D and K agree on every rank (ring and gather need equal blocks)."""
+    """Raise ValueError unless b, D and K agree on every rank (ring and gather need equal blocks).
+
+    The ranks compare shapes (one small all-gather and a host read) only the first time this
+    rank meets a (b, D, K) in this group; later calls with a shape the ranks agreed on cost
+    nothing, so a training step has no host sync here. With equal per-rank batches (vlp's data
+    pipeline only yields full batches; elsewhere use drop_last / accelerate's even_batches) every
+    rank meets a new shape on the same call, so they all take part. A rank whose shape changes
+    while the others' do not would wait in the all-gather while they wait in the ring: give
+    every rank the same b on every call.
+    """
     if ring.size == 1:
         return
     b, d = image_features.shape
     num_neg = -1 if neg_text_features is None else neg_text_features.shape[0] // b
+    group = ring.process_group()
+    _, agreed = _AGREED.setdefault(id(group), (group, set()))
+    if (b, d, num_neg) in agreed:
+        return
     shapes = ring.all_gather_ints((b, d, num_neg), device=image_features.device)
     if any(s != shapes[0] for s in shapes):
         listed = ", ".join(f"rank {r}: b={s[0]} D={s[1]} K={s[2]}" for r, s in enumerate(shapes))
@@ -67,3 +84,4 @@ def check_same_on_every_rank(
             f"dim D and negatives per image K on every rank (K=-1: none); got {listed}. "
             "Use drop_last / equal per-rank batches."
         )
+    agreed.add((b, d, num_neg))

@@ -1,6 +1,6 @@
 """ARO's Visual Genome sets: VG-Relation and VG-Attribution (Yuksekgonul et al., ICLR 2023).
 
-Data (DESIGN §5), as released with mertyg/vision-language-models-are-bows: a JSON list of
+Data (docs/design.md §5), as released with mertyg/vision-language-models-are-bows: a JSON list of
 `{image_path, bbox_x, bbox_y, bbox_w, bbox_h, true_caption, false_caption}` items, plus
 `relation_name` (VG-Relation) or `attributes` (a pair, VG-Attribution); images under an image
 root (`images/` beside the JSON). The official files are `visual_genome_relation.json` and

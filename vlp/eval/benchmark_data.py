@@ -1,4 +1,4 @@
-"""Zero-shot benchmarks in the CLIP_benchmark webdataset layout (DESIGN §5): read and write.
+"""Zero-shot benchmarks in the CLIP_benchmark webdataset layout (docs/design.md §5): read and write.
 
     root/
       classnames.txt                          one class name per line (classification)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import numbers
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
+
+from vlp.stop_signals import ignore_stop_signals
 
 CLASSIFICATION = "classification"
 RETRIEVAL = "retrieval"
@@ -112,6 +115,23 @@ def read_templates(path: str | Path) -> list[str]:
     return templates
 
 
+def count_samples(benchmark: Benchmark) -> int | None:
+    """How many samples the shards hold (distinct keys with an image member), read from the tar
+    headers without decoding anything; None if a shard cannot be listed (progress bars then
+    show no total)."""
+    keys = set()
+    try:
+        for path in benchmark.shard_paths:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    key, _, extension = member.name.partition(".")
+                    if extension.lower() in IMAGE_EXTENSIONS:
+                        keys.add((str(path), key))
+    except (OSError, tarfile.TarError):
+        return None
+    return len(keys)
+
+
 def iter_batches(
     benchmark: Benchmark,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -141,7 +161,8 @@ def iter_batches(
         .batched(batch_size, collation_fn=collate, partial=True)
     )
     num_workers = min(num_workers, len(benchmark.shard_paths))
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)
     num_batches = 0
     for batch in loader:
         num_batches += 1

@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vlp.eval.benchmark_data import Benchmark, count_samples, iter_batches
+from vlp.eval.cache import active_cache
 from vlp.eval.zeroshot import (
     Device,
     DualEncoder,
@@ -25,6 +28,7 @@ from vlp.eval.zeroshot import (
     encode_texts,
     eval_mode,
 )
+from vlp.stop_signals import ignore_stop_signals
 
 Box = tuple[float, float, float, float]
 """`(x, y, w, h)` in pixels, ARO's `bbox_x, bbox_y, bbox_w, bbox_h`."""
@@ -62,15 +66,49 @@ def embed_texts(
     desc: str = "texts",
 ) -> TextEmbeddings:
     """Encode each distinct text of `texts` once, in batches of `batch_size`."""
-    unique = list(dict.fromkeys(texts))
+    unique = sorted(dict.fromkeys(texts), key=len)  # similar lengths batch together
     chunks = []
-    with eval_mode(model):
-        for start in tqdm(range(0, len(unique), batch_size), desc=desc, unit="batch",
-                          disable=not progress):
+    with eval_mode(model), tqdm(total=len(unique), desc=desc, unit="text",
+                                disable=not progress) as bar:
+        for start in range(0, len(unique), batch_size):
             batch = unique[start: start + batch_size]
             chunks.append(encode_texts(model, tokenizer, batch, device=device).cpu())
+            bar.update(len(batch))
     features = torch.cat(chunks) if chunks else torch.empty(0, 0)
     return TextEmbeddings(unique, features)
+
+
+def root_embeddings(
+    model: DualEncoder,
+    preprocess: Preprocess,
+    benchmark: Benchmark,
+    *,
+    device: Device,
+    batch_size: int,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "images",
+) -> tuple[torch.Tensor, list[Any]]:
+    """`(features, labels)`: (N, D) normalised CPU embeddings of a benchmark root's images in
+    shard order, and each image's label (its list of captions, or its class index). Inside a
+    suite run the root is read and encoded once, whichever benchmarks use it."""
+    cache = active_cache()
+    key = ("root", str(benchmark.root.resolve()), benchmark.split, id(preprocess))
+    if cache is not None and key in cache.roots:
+        cache.hits["roots"] += 1
+        return cache.roots[key]
+    features, labels = [], []
+    batches = iter_batches(benchmark, preprocess, batch_size=batch_size, num_workers=num_workers)
+    with eval_mode(model), tqdm(total=count_samples(benchmark), desc=desc, unit="image",
+                                disable=not progress) as bar:
+        for images, targets in batches:
+            features.append(encode_images(model, images, device=device).cpu())
+            labels += targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
+            bar.update(len(images))
+    result = (torch.cat(features), labels)
+    if cache is not None:
+        cache.roots[key] = result
+    return result
 
 
 def embed_images(
@@ -86,16 +124,26 @@ def embed_images(
 ) -> torch.Tensor:
     """(len(refs), D) normalised embeddings of image files (each distinct file and box once),
     decoded, cropped and preprocessed by `num_workers` DataLoader workers."""
+    cache = active_cache()
+
+    def encode(unique: list[ImageRef]) -> torch.Tensor:
+        loader = DataLoader(_ImageFiles(unique, preprocess), batch_size=batch_size,
+                            shuffle=False, num_workers=num_workers,
+                            worker_init_fn=ignore_stop_signals)
+        chunks = []
+        with eval_mode(model), tqdm(total=len(unique), desc=desc, unit="image",
+                                    disable=not progress) as bar:
+            for images in loader:
+                chunks.append(encode_images(model, images, device=device).cpu())
+                bar.update(len(images))
+        return torch.cat(chunks)
+
+    if cache is not None:
+        keys = [("file", ref, id(preprocess)) for ref in refs]
+        return cache.lookup_images(keys, lambda missing: encode([k[1] for k in missing]))
     unique = list(dict.fromkeys(refs))
-    loader = DataLoader(_ImageFiles(unique, preprocess), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
-    chunks = []
-    with eval_mode(model):
-        for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-            chunks.append(encode_images(model, images, device=device).cpu())
-    features = torch.cat(chunks)
     row = {ref: i for i, ref in enumerate(unique)}
-    return features[torch.tensor([row[r] for r in refs], dtype=torch.long)]
+    return encode(unique)[torch.tensor([row[r] for r in refs], dtype=torch.long)]
 
 
 def load_image(ref: ImageRef) -> Image.Image:

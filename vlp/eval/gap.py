@@ -1,4 +1,4 @@
-"""The modality gap and related geometry of matched image and text embeddings (DESIGN §5).
+"""The modality gap and related geometry of matched image and text embeddings (docs/design.md §5).
 
 On n matched pairs (x_i, y_i), both L2-normalised:
 
@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from vlp.eval.benchmark_data import RETRIEVAL, iter_batches, read_benchmark
-from vlp.eval.embedding import embed_texts
+from vlp.eval.benchmark_data import RETRIEVAL, read_benchmark
+from vlp.eval.embedding import embed_texts, root_embeddings
 from vlp.eval.results import BenchmarkResult
-from vlp.eval.zeroshot import Device, DualEncoder, Preprocess, Tokenizer, encode_images, eval_mode
+from vlp.eval.zeroshot import Device, DualEncoder, Preprocess, Tokenizer
 
 UNIFORMITY_T = 2.0
 _CHUNK = 1024
@@ -155,20 +154,14 @@ def matched_pairs(
     else:
         template = (benchmark.templates or ["{c}"])[0]
         source = f"class prompt {template!r}"
-    images, texts = [], []
-    batches = iter_batches(benchmark, preprocess, batch_size=batch_size, num_workers=num_workers)
-    with eval_mode(model):
-        for batch_images, targets in tqdm(batches, desc="gap images", unit="batch",
-                                          disable=not progress):
-            images.append(encode_images(model, batch_images, device=device).cpu())
-            if benchmark.dataset_type == RETRIEVAL:
-                texts += [captions[0] if captions else "" for captions in targets]
-            else:
-                texts += [template.format(c=benchmark.classnames[c]) for c in targets.tolist()]
-            if max_pairs is not None and len(texts) >= max_pairs:
-                break
-    image_features = torch.cat(images)[:max_pairs]
-    texts = texts[:max_pairs]
+    images, labels = root_embeddings(model, preprocess, benchmark, device=device,
+                                     batch_size=batch_size, num_workers=num_workers,
+                                     progress=progress, desc="gap images")
+    if benchmark.dataset_type == RETRIEVAL:
+        texts = [captions[0] if captions else "" for captions in labels[:max_pairs]]
+    else:
+        texts = [template.format(c=benchmark.classnames[c]) for c in labels[:max_pairs]]
+    image_features = images[:max_pairs]
     if "" in texts:
         raise ValueError(f"{root}: image {texts.index('')} has no caption")
     text_features = embed_texts(model, tokenizer, texts, device=device, batch_size=batch_size,

@@ -1,6 +1,6 @@
 """Load the model an evaluation runs on: a vlp checkpoint folder or an open_clip model.
 
-    vlp eval --checkpoint runs/x/step-000000600       a vlp checkpoint folder (DESIGN §3)
+    vlp eval --checkpoint runs/x/step-000000400       a vlp checkpoint folder (docs/design.md §3)
     vlp eval --checkpoint runs/x                      the run's latest checkpoint
     vlp eval --checkpoint open_clip:ViT-B-32:/w.pt    an open_clip architecture + local weights
     vlp eval --checkpoint open_clip:ViT-B-32:random   the same, randomly initialised (a baseline)
@@ -22,6 +22,7 @@ import open_clip
 import torch
 
 from vlp.checkpoint import MODEL_CONFIG, MODEL_WEIGHTS
+from vlp.eval.openai_weights import create_open_clip, refuse_pretrained_tag
 from vlp.models.loading import open_checkpoint
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -100,12 +101,16 @@ def load_open_clip_model(spec: str) -> LoadedModel:
             f"{OPEN_CLIP_PREFIX}{name}:{RANDOM_WEIGHTS} to evaluate a randomly initialised model")
     if weights == RANDOM_WEIGHTS:
         weights = ""
-    elif not Path(weights).is_file():
+    else:
+        refuse_pretrained_tag(name, weights)
+    if weights and not Path(weights).is_file():
         raise FileNotFoundError(
             f"--checkpoint: no weights file {weights} (downloads are not attempted; pass a local "
             "file, e.g. open_clip_pytorch_model.bin or open_clip_model.safetensors)"
         )
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights or None)
+    # OpenAI's weights are built with QuickGELU, whatever the name says (vlp.eval.openai_weights)
+    model, preprocess, recorded_name = create_open_clip(name, weights or None)
     if not weights:
         init_caption_decoder(model)  # a random CoCa's decoder projection is otherwise torch.empty
-    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), name, weights or None)
+    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), recorded_name,
+                       weights or None)

@@ -1,9 +1,20 @@
-"""ARO's word-order perturbations of a caption (COCO-Order, Flickr30k-Order).
+"""ARO's word-order perturbations of a caption (COCO-Order, Flickr30k-Order), two protocols.
 
-The four perturbations of ARO's `dataset_zoo/perturbations.py`: shuffle the nouns among
-themselves and the adjectives among themselves; shuffle every other word; shuffle the words
-within each trigram; shuffle the trigrams. Differences from ARO, all so that every negative is a
-true permutation of the caption's tokens and differs from it:
+The four perturbations of ARO's `dataset_zoo/perturbations.py` (`TextShuffler`): shuffle the
+nouns among themselves and the adjectives among themselves; shuffle every other word; shuffle
+the words within each trigram; shuffle the trigrams.
+
+`make_aro_case` is ARO's protocol (`COCO_Order`/`Flickr30k_Order` in `dataset_zoo/
+aro_datasets.py`), the one comparable with published numbers: each perturbation is drawn once
+from the raw caption's tokens (punctuation included), the tokens are joined with spaces and
+then normalised by `pre_caption` (which may truncate the change away), and a draw that leaves
+the caption unchanged is kept. Two unavoidable differences: the draws come from the seeded
+`random.Random` passed in, not from the global NumPy/Python RNGs, and the trigram perturbations
+split words with the tagger's tokenizer where ARO uses NLTK's `word_tokenize` (the same tokens
+for ordinary captions).
+
+`make_order_case` is vlp's strict protocol. Differences from ARO, all so that every negative is
+a true permutation of the caption's tokens and differs from it:
 
 - randomness comes from the `random.Random` passed in (a fixed seed per caption), not from
   the global NumPy and Python RNGs;
@@ -133,6 +144,17 @@ def make_order_case(
             shuffled = _rotate_distinct(tokens)
         negatives.append(" ".join(shuffled))
     return OrderCase(caption, tuple(negatives), tuple(fallbacks))
+
+
+def make_aro_case(
+    caption: str, tagger: Tagger, rng: random.Random, *, max_words: int = 30
+) -> OrderCase:
+    """ARO's options for `caption`: `pre_caption(caption)` and `pre_caption(perturbation)` for
+    each of the four perturbations, one draw each, kept even when it equals the caption."""
+    tagged = tagger(caption)
+    negatives = tuple(pre_caption(" ".join(perturb(tagged, rng)), max_words)
+                      for perturb in PERTURBATIONS.values())
+    return OrderCase(pre_caption(caption, max_words), negatives)
 
 
 def _rotate_distinct(tokens: list[str]) -> list[str]:

@@ -3,11 +3,13 @@
     model: CLIP ViT-B/32 (OpenAI weights)
     results:
       - benchmark: sugarcrepe          # matched against suite benchmark names
-        source: Hsieh et al., 2023, SugarCrepe, Table ...
-        metrics: {replace_obj: 0.909, ...}   # vlp's metric names, fractions in [0, 1]
+        source: Hsieh et al., 2023, SugarCrepe, Table ...   # where the numbers were read
+        note: swap_obj has 245 items today, 246 in the paper  # optional: data changed since
+        verified: true                   # false: transcribed, not checked against the source
+        metrics: {replace_obj: 0.9092, ...}   # vlp's metric names, fractions in [0, 1]
 
 Only numbers the files cite appear; a benchmark or metric a file does not mention is shown
-without a reference.
+without a reference. Reports mark unverified numbers with a dagger.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ class Reference:
     metrics: dict[str, dict[str, float]]
     """benchmark → metric → value."""
     sources: dict[str, str]
-    """benchmark → citation of the table the numbers come from."""
+    """benchmark → citation of the table the numbers come from, with its notes."""
     path: Path | None = None
+    unverified: frozenset[tuple[str, str]] = frozenset()
+    """(benchmark, metric) pairs whose numbers were not checked against their source."""
 
 
 def load_reference(path: str | Path) -> Reference:
@@ -41,12 +45,15 @@ def load_reference(path: str | Path) -> Reference:
     check_keys(raw, {"model", "results", "notes"}, f"{path}", required={"model", "results"})
     metrics: dict[str, dict[str, float]] = {}
     sources: dict[str, str] = {}
+    unverified: set[tuple[str, str]] = set()
     if not isinstance(raw["results"], list):
         raise ValueError(f"{path}: 'results' must be a list")
     for i, entry in enumerate(raw["results"]):
         where = f"{path}: results[{i}]"
-        check_keys(entry, {"benchmark", "source", "metrics"}, where, required={"benchmark", "source",
-                                                                         "metrics"})
+        check_keys(entry, {"benchmark", "source", "metrics", "note", "verified"}, where,
+                   required={"benchmark", "source", "metrics", "verified"})
+        if not isinstance(entry["verified"], bool):
+            raise ValueError(f"{where}.verified: expected true or false, got {entry['verified']!r}")
         name = str(entry["benchmark"])
         if not isinstance(entry["metrics"], dict) or not entry["metrics"]:
             raise ValueError(f"{where}.metrics: expected a non-empty mapping")
@@ -56,8 +63,15 @@ def load_reference(path: str | Path) -> Reference:
                                  f"got {value!r}")
         metrics.setdefault(name, {}).update({str(k): float(v)
                                              for k, v in entry["metrics"].items()})
-        sources[name] = "; ".join(filter(None, (sources.get(name), str(entry["source"]))))
-    return Reference(str(raw["model"]), metrics, sources, path)
+        if not entry["verified"]:
+            unverified.update((name, str(k)) for k in entry["metrics"])
+        source = " ".join(str(entry["source"]).split())
+        if entry.get("note"):
+            source += f" (note: {' '.join(str(entry['note']).split())})"
+        if not entry["verified"]:
+            source += " [unverified: transcribed by hand, not checked against the source]"
+        sources[name] = "; ".join(filter(None, (sources.get(name), source)))
+    return Reference(str(raw["model"]), metrics, sources, path, frozenset(unverified))
 
 
 def check_keys(

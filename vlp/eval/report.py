@@ -14,6 +14,7 @@ import torch
 from vlp.eval.tasks import TASKS
 
 if TYPE_CHECKING:
+    from vlp.eval.references import Reference
     from vlp.eval.runner import SuiteResult
 
 
@@ -31,16 +32,19 @@ def write_report(result: SuiteResult, path: str | Path) -> Path:
     for spec in suite.benchmarks:
         bench = result.results[spec.name]
         metric = TASKS[spec.task].headline
-        refs = [_fmt(r.metrics.get(spec.name, {}).get(metric)) for r in references]
+        refs = [_ref(r, spec.name, metric) for r in references]
         lines.append(_row([spec.name, spec.task, metric, _fmt(bench.metrics.get(metric)), *refs]))
     lines.append("")
+    if any(r.unverified for r in references):
+        lines += ["† transcribed from the paper cited under References, not checked against it.",
+                  ""]
     for spec in suite.benchmarks:
         bench = result.results[spec.name]
         lines += [f"## {spec.name} ({spec.task})", "",
                   f"Data: `{spec.data}` · {result.seconds[spec.name]:.1f} s", "",
                   _row(["metric", "value", *ref_headers]), _row(["---"] * (2 + len(ref_headers)))]
         for metric, value in bench.metrics.items():
-            refs = [_fmt(r.metrics.get(spec.name, {}).get(metric)) for r in references]
+            refs = [_ref(r, spec.name, metric) for r in references]
             lines.append(_row([metric, _fmt(value), *refs]))
         lines.append("")
         lines += [f"- {note}" for note in bench.notes]
@@ -75,6 +79,12 @@ def _run_table(result: SuiteResult) -> list[str]:
     return ["| | |", "|---|---|", *[_row(r) for r in rows], ""]
 
 
+def _ref(reference: Reference, benchmark: str, metric: str) -> str:
+    """A published number, with a dagger when it was not checked against its source."""
+    text = _fmt(reference.metrics.get(benchmark, {}).get(metric))
+    return text + " †" if (benchmark, metric) in reference.unverified else text
+
+
 def _row(cells: list[str] | tuple[str, ...]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -83,7 +93,7 @@ def _fmt(value: float | None) -> str:
     if value is None:
         return "—"
     if math.isnan(value):
-        return "n/a"
+        return "n/a"  # e.g. acc5 with fewer than five classes, NaN as in CLIP_benchmark
     return f"{value:.4f}"
 
 

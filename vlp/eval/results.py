@@ -34,7 +34,7 @@ def result_record(
         "model": model,
         "pretrained": pretrained,
         "task": task,
-        "metrics": {k: _json_number(v) for k, v in result.metrics.items()},
+        "metrics": {k: json_number(v) for k, v in result.metrics.items()},
         "details": result.details,
         "notes": result.notes,
     }
@@ -49,7 +49,7 @@ def write_json(path: Path, value: Any) -> Path:
     return path
 
 
-def _json_number(value: float) -> float | None:
+def json_number(value: float) -> float | None:
     """NaN and infinities are not JSON; they are written as null."""
     value = float(value)
     return value if math.isfinite(value) else None

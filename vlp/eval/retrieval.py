@@ -16,18 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from vlp.eval.benchmark_data import RETRIEVAL, iter_batches, read_benchmark
-from vlp.eval.zeroshot import (
-    Device,
-    DualEncoder,
-    Preprocess,
-    Tokenizer,
-    encode_images,
-    encode_texts,
-    eval_mode,
-)
+from vlp.eval.benchmark_data import RETRIEVAL, read_benchmark
+from vlp.eval.embedding import embed_texts, root_embeddings
+from vlp.eval.zeroshot import Device, DualEncoder, Preprocess, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -40,6 +32,8 @@ class RetrievalEmbeddings:
     """(T, D) float32."""
     text_to_image: torch.Tensor
     """(T,) int64 index of each caption's image."""
+    captions: tuple[str, ...] = ()
+    """The text of each caption row (filled by `embed_retrieval_set`)."""
 
 
 def evaluate_retrieval(
@@ -89,24 +83,18 @@ def embed_retrieval_set(
             f"{root} is a {benchmark.dataset_type} benchmark (no {RETRIEVAL!r} in "
             "dataset_type.txt); use vlp.eval.evaluate_zeroshot"
         )
-    images, texts, text_to_image = [], [], []
-    num_images = 0
-    batches = iter_batches(benchmark, preprocess, batch_size=batch_size, num_workers=num_workers)
-    with eval_mode(model):
-        for batch_images, captions in tqdm(
-            batches, desc="retrieval", unit="batch", disable=not progress
-        ):
-            images.append(encode_images(model, batch_images, device=device).cpu())
-            flat = [caption for image_captions in captions for caption in image_captions]
-            if flat:
-                texts.append(encode_texts(model, tokenizer, flat, device=device).cpu())
-            for offset, image_captions in enumerate(captions):
-                text_to_image += [num_images + offset] * len(image_captions)
-            num_images += len(captions)
-    if not texts:
+    image_features, captions = root_embeddings(
+        model, preprocess, benchmark, device=device, batch_size=batch_size,
+        num_workers=num_workers, progress=progress, desc="retrieval images",
+    )  # fmt: skip
+    flat = [caption for image_captions in captions for caption in image_captions]
+    if not flat:
         raise ValueError(f"no captions in the retrieval benchmark {root}")
+    text_to_image = [i for i, image_captions in enumerate(captions) for _ in image_captions]
+    texts = embed_texts(model, tokenizer, flat, device=device, batch_size=batch_size,
+                        progress=progress, desc="retrieval captions")
     return RetrievalEmbeddings(
-        torch.cat(images), torch.cat(texts), torch.tensor(text_to_image, dtype=torch.long)
+        image_features, texts(flat), torch.tensor(text_to_image, dtype=torch.long), tuple(flat)
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vlp.eval.cache import suite_cache
 from vlp.eval.plots import plot_bars
 from vlp.eval.report import write_report
 from vlp.eval.results import BenchmarkResult, result_record, write_json
@@ -75,6 +76,17 @@ def evaluate_suite(
     context = EvalContext(model, tokenizer, preprocess, device, batch_size or suite.batch_size,
                           suite.num_workers, progress)
     run = SuiteResult(suite, {}, {}, out_dir, model_name, pretrained, device, step)
+    with suite_cache():  # each distinct image root, image file and caption encoded once
+        _run_benchmarks(run, context, write_files=write_files, progress=progress)
+    if write_files:
+        run.files["results"] = write_json(out_dir / RESULTS_FILE, _summary(run))
+        run.files["report"] = write_report(run, out_dir / REPORT_FILE)
+    return run
+
+
+def _run_benchmarks(run: SuiteResult, context: EvalContext, *, write_files: bool,
+                    progress: bool) -> None:
+    suite, out_dir = run.suite, run.out_dir
     for spec in suite.benchmarks:
         task = TASKS[spec.task]
         if progress:
@@ -85,13 +97,9 @@ def evaluate_suite(
         run.results[spec.name] = result
         if write_files:
             _bar_plot(task, spec.name, result, suite, out_dir)
-            record = result_record(result, dataset=spec.name, model=model_name,
-                                   pretrained=pretrained, task=task.clip_benchmark_task)
+            record = result_record(result, dataset=spec.name, model=run.model_name,
+                                   pretrained=run.pretrained, task=task.clip_benchmark_task)
             run.files[spec.name] = write_json(out_dir / f"{spec.name}.json", record)
-    if write_files:
-        run.files["results"] = write_json(out_dir / RESULTS_FILE, _summary(run))
-        run.files["report"] = write_report(run, out_dir / REPORT_FILE)
-    return run
 
 
 def run_suite(

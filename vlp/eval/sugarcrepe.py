@@ -1,6 +1,6 @@
 """SugarCrepe and SugarCrepe++: does the image prefer its caption to a hard negative?
 
-Data (DESIGN §5), as released by RAIVNLab/sugar-crepe: one JSON per subset,
+Data (docs/design.md §5), as released by RAIVNLab/sugar-crepe: one JSON per subset,
 `{subset}.json = {id: {filename, caption, negative_caption}}`, images under an image root (COCO
 val2017 for the real benchmark, `images/` beside the JSON files for ShapesWorld). SugarCrepe++
 (Dumpala et al., 2024) items add `caption2`, a second true caption worded differently; its JSON

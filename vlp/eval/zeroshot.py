@@ -5,8 +5,9 @@ re-normalised; an image's logits are `100 * image_features @ classifier`. Metric
 definitions are those of `clip_benchmark.metrics.zeroshot_classification` so that numbers can be
 compared with published ones: `acc1` and `acc5` are top-k accuracies with ties ordered by
 `torch.topk`, and `mean_per_class_recall` is sklearn's balanced accuracy of the argmax, i.e. the
-mean recall over the classes that occur among the targets. One deliberate difference: with fewer
-than five classes CLIP_benchmark reports `acc5` as NaN, vlp as top-(number of classes) accuracy.
+mean recall over the classes that occur among the targets. With fewer than five classes `acc5`
+is NaN, as in CLIP_benchmark (a top-C accuracy would always be 1.0); result JSONs write it as
+null and reports print it as "n/a (< 5 classes)".
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from PIL import Image
 from tqdm import tqdm
 
-from vlp.eval.benchmark_data import CLASSIFICATION, iter_batches, read_benchmark
+from vlp.eval.benchmark_data import CLASSIFICATION, read_benchmark
+from vlp.eval.cache import active_cache
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -61,9 +65,49 @@ def encode_images(model: DualEncoder, images: torch.Tensor, *, device: Device) -
 def encode_texts(
     model: DualEncoder, tokenizer: Tokenizer, texts: list[str], *, device: Device
 ) -> torch.Tensor:
-    """L2-normalised float32 text embeddings (N, D), left on `device`."""
-    features = model.encode_text(tokenizer(texts).to(device)).float()
+    """L2-normalised float32 text embeddings (N, D), left on `device`. Inside a suite run
+    (`vlp.eval.cache.suite_cache`) each distinct text is encoded once for all benchmarks."""
+    cache = active_cache()
+    if cache is None:
+        return _encode_texts(model, tokenizer, list(texts), device)
+    return cache.lookup_texts(
+        list(texts), lambda missing: _encode_texts(model, tokenizer, missing, device)
+    ).to(device)
+
+
+def _encode_texts(model: DualEncoder, tokenizer: Tokenizer, texts: list[str], device: Device
+                  ) -> torch.Tensor:
+    features = text_features(model, tokenizer(texts).to(device)).float()
     return F.normalize(features, dim=-1)
+
+
+def text_features(model: DualEncoder, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text(tokens)`; for an open_clip `CLIP` whose text tower is causal and pools
+    the end-of-text token (CLIP's, vlp's), computed on the tokens up to the batch's last
+    end-of-text token only. With a causal mask no position attends to a later one, so the
+    padding after it cannot change the pooled feature; dropping it saves most of the work on
+    short captions (ShapesWorld's fill about a third of the context)."""
+    if not _causal_argmax_clip(model):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    cast_dtype = model.transformer.get_cast_dtype()
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = text_global_pool(model.ln_final(x), tokens, "argmax")
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
+def _causal_argmax_clip(model: Any) -> bool:
+    mask = getattr(model, "attn_mask", None)
+    return (type(model) is open_clip.CLIP and model.text_pool_type == "argmax"
+            and mask is not None and mask.ndim == 2 and bool(torch.isinf(mask[0, 1:]).all())
+            and not bool(torch.isinf(mask.diagonal()).any()))
 
 
 def zero_shot_classifier(
@@ -131,7 +175,8 @@ class ZeroShotPredictions:
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """`acc1`, `acc5` (top-min(5, C)) and `mean_per_class_recall` of logits (N, C), targets (N,)."""
+    """`acc1`, `acc5` and `mean_per_class_recall` of logits (N, C), targets (N,); `acc5` is NaN
+    when C < 5, as CLIP_benchmark reports it."""
     num_samples, num_classes = logits.shape
     if num_samples == 0:
         raise ValueError("no samples to score")
@@ -139,7 +184,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
         acc1, acc5 = topk_accuracy(logits, targets, ks=(1, 5))
     else:
         (acc1,) = topk_accuracy(logits, targets, ks=(1,))
-        (acc5,) = topk_accuracy(logits, targets, ks=(num_classes,))
+        acc5 = float("nan")
     recall = mean_per_class_recall(logits.argmax(dim=1), targets)
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": recall}
 
@@ -194,15 +239,13 @@ def predict_zeroshot(
             batch_size=batch_size,
             progress=progress,
         )
-        batches = iter_batches(
-            benchmark, preprocess, batch_size=batch_size, num_workers=num_workers
-        )
-        logits, targets = [], []
-        for images, target in tqdm(batches, desc="images", unit="batch", disable=not progress):
-            features = encode_images(model, images, device=device)
-            logits.append((100.0 * features @ classifier).cpu())
-            targets.append(target)
-    return ZeroShotPredictions(torch.cat(logits), torch.cat(targets), classnames)
+    from vlp.eval.embedding import root_embeddings
+
+    features, targets = root_embeddings(model, preprocess, benchmark, device=device,
+                                        batch_size=batch_size, num_workers=num_workers,
+                                        progress=progress, desc="zero-shot images")
+    logits = 100.0 * features @ classifier.cpu()
+    return ZeroShotPredictions(logits, torch.tensor(targets, dtype=torch.long), classnames)
 
 
 def evaluate_zeroshot(

@@ -28,6 +28,8 @@ import torch
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
+from vlp.config import ModelConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 VLP_MODELS: tuple[str, ...] = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 HF_PREFIX = "hf:"
@@ -38,7 +40,7 @@ TEXT_TOWER_DIR = "text_tower"
 class DualEncoder(nn.Module):
     """One forward for everything a step needs, so DDP sees every tower call.
 
-    Wraps an open_clip model and returns its output dict (DESIGN §3: `image_features`,
+    Wraps an open_clip model and returns its output dict (docs/design.md §3: `image_features`,
     `text_features`, `logit_scale`, optional `logit_bias`, `logits`, `labels`), plus
     `neg_text_features` (b, K, D), normalised, when hard-negative captions (b, K, L) are given.
     Checkpoints hold the wrapped open_clip model's weights (`.model`), not this wrapper's.
@@ -259,34 +261,30 @@ def _no_weights_warnings() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def build_model(
-    name: str,
-    *,
-    pretrained: str | None = None,
-    init_logit_scale: float | None = None,
-    init_logit_bias: float | None = None,
-    hf_text_model: str | None = None,
-    hf_text_pooler: str = "mean",
-    hf_text_proj: str = "none",
-    lock_image: bool = False,
-    lock_image_unlocked_groups: int = 0,
-    lock_text: bool = False,
-    lock_text_unlocked_layers: int = 0,
-) -> ModelBundle:
-    """Build model, train/val transforms and tokenizer (see `model_spec` and `load_pretrained`),
-    then lock towers as asked (`vlp.models.locking`)."""
+def build_model(cfg: ModelConfig | str, **fields: Any) -> ModelBundle:
+    """Build model, train/val transforms and tokenizer from the `model` slice of a run config
+    (see `model_spec` and `load_pretrained`), then lock towers as asked (`vlp.models.locking`).
+
+    `build_model("vlp-tiny", init_logit_bias=-10.0)` is short for
+    `build_model(ModelConfig("vlp-tiny", init_logit_bias=-10.0))`.
+    """
     from vlp.models.locking import lock_towers
     from vlp.models.pretrained import load_pretrained
 
-    spec = model_spec(name, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias,
-                      hf_text_model=hf_text_model, hf_text_pooler=hf_text_pooler,
-                      hf_text_proj=hf_text_proj)
+    if isinstance(cfg, str):
+        cfg = ModelConfig(cfg, **fields)
+    elif fields:
+        raise TypeError("build_model: give a ModelConfig or a name with keyword fields, not both")
+    spec = model_spec(cfg.name, init_logit_scale=cfg.init_logit_scale,
+                      init_logit_bias=cfg.init_logit_bias, hf_text_model=cfg.hf_text_model,
+                      hf_text_pooler=cfg.hf_text_pooler, hf_text_proj=cfg.hf_text_proj)
+    pretrained = cfg.pretrained
     if pretrained is not None and not pretrained.startswith(HF_PREFIX) \
             and not Path(pretrained).exists():
         raise FileNotFoundError(f"model.pretrained: no such weights file {pretrained}")
     model, preprocess_train, preprocess_val = create_model(spec, load_text_weights=True)
     if pretrained is not None:
         load_pretrained(model, pretrained, spec=spec)
-    lock_towers(model, image=lock_image, image_unlocked_groups=lock_image_unlocked_groups,
-                text=lock_text, text_unlocked_layers=lock_text_unlocked_layers)
+    lock_towers(model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
+                text=cfg.lock_text, text_unlocked_layers=cfg.lock_text_unlocked_layers)
     return ModelBundle(model, preprocess_train, preprocess_val, build_tokenizer(spec.text), spec)

@@ -1,4 +1,4 @@
-"""Training objectives, chosen and weighted by name in the recipe (DESIGN §3)."""
+"""Training objectives, chosen and weighted by name in the recipe (docs/design.md §3)."""
 
 # Importing each module registers its objective under the name in its @register(...).
 from vlp.objectives import align_uniform, clip, coca, negclip, siglip  # noqa: F401

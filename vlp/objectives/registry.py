@@ -1,7 +1,7 @@
 """The objective registry: YAML names an objective, this maps the name to its class.
 
 An objective is an `nn.Module` whose `forward(output, batch)` returns a dict of named scalar
-losses (DESIGN §3). Each class carries its own `Config` dataclass (its recipe parameters) and is
+losses (docs/design.md §3). Each class carries its own `Config` dataclass (its recipe parameters) and is
 built as `cls(cfg, backend=...)`, where `backend` is the contrastive backend of
 `vlp.distributed` that every contrastive term goes through.
 """

@@ -18,7 +18,7 @@ activations of only one micro-batch are alive at a time:
 
 Gradient semantics: parameter gradients equal those of one plain step on this rank's b rows in
 one process, and after DDP's mean over ranks those of one step on the B-row global batch (the
-backends give each rank's features that semantics, DESIGN §3–4). Per-rank objectives
+backends give each rank's features that semantics, docs/design.md §3–4). Per-rank objectives
 (align_uniform) therefore see b rows, as a plain step with a b-row batch would.
 
 Layers with batch statistics (BatchNorm) normalise each micro-batch of m rows on its own, as
@@ -197,30 +197,3 @@ def _concatenated_batch(micro_batches: Sequence[dict[str, Any]]) -> dict[str, An
             joined[name] = [item for b in micro_batches for item in b[name]]
     return joined
 
-
-def grad_cache_step(cfg, accelerator, model, objective, optimizer, batches, skipped
-                    ) -> tuple[dict[str, float], Tensor, bool, int, int]:
-    """The update of `train_step` with `train.grad_cache`: one optimizer step on one cached
-    contrastive batch. Returns `(terms, grad_norm, finite, num_skipped, samples)` for
-    `train_step` to report.
-
-    The accelerator must not rescale the loss for accumulation (`gradient_accumulation_steps=1`):
-    the cached gradients are already the mean.
-    """
-    if accelerator.gradient_accumulation_steps != 1:
-        raise RuntimeError("grad_cache_step needs an Accelerator with gradient_accumulation_steps=1")
-    micro_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
-    for batch in micro_batches:
-        num_skipped = skipped.update(batch)
-    terms = cached_backward(model, objective, micro_batches, device=accelerator.device,
-                            backward=accelerator.backward,
-                            no_sync=lambda: accelerator.no_sync(model))
-    grad_norm = torch.tensor(0.0)
-    if cfg.optim.grad_clip > 0:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    finite = bool(torch.isfinite(terms["loss"]) and torch.isfinite(grad_norm))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad()
-    samples = sum(len(batch["key"]) for batch in micro_batches)
-    return {k: v.item() for k, v in terms.items()}, grad_norm, finite, num_skipped, samples

@@ -1,16 +1,22 @@
 """Metric sinks and the loss-curve plot.
 
 `JSONLTracker` is an accelerate tracker writing one JSON object per logged step to
-`metrics.jsonl`, so `accelerator.log` reaches it beside TensorBoard, W&B, ...
+`metrics.jsonl`, so `accelerator.log` reaches it beside TensorBoard, W&B, ... A run killed
+mid-write, or a full disk, can leave a torn last line: readers skip it, and the next run that
+appends to the file cuts it off first, so its records start on a line of their own.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from accelerate.tracking import GeneralTracker, on_main_process
+
+log = logging.getLogger(__name__)
 
 
 class JSONLTracker(GeneralTracker):
@@ -37,6 +43,7 @@ class JSONLTracker(GeneralTracker):
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         if self.file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_torn_tail(self.path)
             self.file = self.path.open("a")
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self.file.write(json.dumps(record) + "\n")
@@ -52,14 +59,66 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def repair_torn_tail(path: Path) -> None:
+    """Cut a last line that has no newline (a write that never completed) off `path`; a
+    complete record that only lacks its newline gets one instead."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        keep = _last_newline_end(f, size)
+        f.seek(keep)
+        if _is_record(f.read()):
+            f.write(b"\n")
+            return
+        f.truncate(keep)
+    log.warning("%s: removed a torn last line (%d bytes) left by an interrupted write",
+                path, size - keep)
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _last_newline_end(f, size: int, block: int = 1 << 16) -> int:
+    """The offset just past the last newline before `size` (0 if none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        f.seek(start)
+        index = f.read(end - start).rfind(b"\n")
+        if index >= 0:
+            return start + index + 1
+        end = start
+    return 0
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """One record per step of a metrics.jsonl: records of one step (training metrics, eval
-    metrics) are merged, and a resumed run's repeated steps keep the newest values."""
+    metrics) are merged, and a resumed run's repeated steps keep the newest values. A torn
+    last line is skipped, and so is a bad line elsewhere, with a warning naming it."""
+    lines = Path(path).read_text(errors="replace").splitlines()
     by_step: dict[int, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            by_step.setdefault(record["step"], {}).update(record)
+            step = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number < len(lines):  # the last line is torn by an interrupted write
+                log.warning("%s:%d: skipping a line that is not a metrics record: %.80r",
+                            path, number, line)
+            continue
+        by_step.setdefault(step, {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
