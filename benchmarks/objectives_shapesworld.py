@@ -1,4 +1,5 @@
-"""Objectives on ShapesWorld: clip, siglip, negclip and clip + align_uniform, side by side.
+"""Objectives on ShapesWorld: clip, siglip, negclip, clip + align_uniform, dcl and a fixed
+temperature, side by side.
 
     python benchmarks/objectives_shapesworld.py [--steps 100] [--seeds 1 2] [--batch-size 128]
         [--out DIR] [--objectives clip siglip ...] [--subsets swap_att ...]
@@ -10,6 +11,8 @@ Each objective trains the tiny model on ShapesWorld from its own tiny recipe, th
     negclip               recipes/shapesworld-tiny-negclip.yaml   (3 hard-negative captions)
     clip+align_uniform    recipes/shapesworld-tiny-gap.yaml       (CUAXU weights)
     siglip                recipes/shapesworld-tiny-siglip.yaml
+    dcl                   recipes/shapesworld-tiny-dcl.yaml       (leave-one-out softmax)
+    fixed_temp            recipes/shapesworld-tiny-fixed-temp.yaml (τ = 0.01, not learned)
 
 with only the number of steps, the batch size and the seed overridden, all alike (`vlp train`
 in a subprocess, checkpointing only the last step), and `model.name` too when `--model` is
@@ -64,6 +67,8 @@ RECIPES = {
     "negclip": REPO / "recipes" / "shapesworld-tiny-negclip.yaml",
     "clip+align_uniform": REPO / "recipes" / "shapesworld-tiny-gap.yaml",
     "siglip": REPO / "recipes" / "shapesworld-tiny-siglip.yaml",
+    "dcl": REPO / "recipes" / "shapesworld-tiny-dcl.yaml",
+    "fixed_temp": REPO / "recipes" / "shapesworld-tiny-fixed-temp.yaml",
 }
 SUITE = REPO / "eval" / "suites" / "shapesworld.yaml"
 SUITE_BENCHMARKS = ("sugarcrepe", "gap")

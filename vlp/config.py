@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from vlp.data.limits import SampleLimits
+from vlp.temperature import MIN_TEMPERATURE, SCHEDULES, temperature_at
 
 
 class ConfigError(ValueError):
@@ -209,11 +210,52 @@ class ObjectiveSpec:
 
 
 @dataclass
+class TemperatureConfig:
+    """The softmax temperature τ = 1/exp(logit_scale): learned, fixed or scheduled
+    (`vlp.temperature`)."""
+
+    mode: str = "learned"
+    """learned (CLIP: a trained parameter) | fixed (τ = start) | linear | cosine (start → end
+    over train.steps); all but learned keep logit_scale out of the optimizer."""
+    start: float | None = None
+    """τ at the first step (fixed: at every step); in [0.01, 1]. Not set for learned."""
+    end: float | None = None
+    """τ at the last step (linear, cosine); in [0.01, 1]."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCHEDULES:
+            raise ConfigError(f"loss.temperature.mode must be one of {', '.join(SCHEDULES)}, "
+                              f"got {self.mode!r}")
+        needed = {"learned": (), "fixed": ("start",)}.get(self.mode, ("start", "end"))
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if name in needed and value is None:
+                raise ConfigError(f"loss.temperature.{name} is needed with mode {self.mode}")
+            if name not in needed and value is not None:
+                raise ConfigError(f"loss.temperature.{name} is not used with mode {self.mode}; "
+                                  "leave it out")
+            if value is not None:
+                check_number(f"loss.temperature.{name}", value, MIN_TEMPERATURE, 1)
+
+    @property
+    def learned(self) -> bool:
+        return SCHEDULES[self.mode] is None
+
+    def at(self, step: int, total_steps: int) -> float:
+        """τ for optimizer step `step` (0-based) of `total_steps`; not for mode learned."""
+        start = self.start if self.start is not None else math.nan
+        end = self.end if self.end is not None else start
+        return temperature_at(self.mode, step, total_steps, start=start, end=end)
+
+
+@dataclass
 class LossConfig:
     backend: str = "auto"
     """Contrastive backend: local | gather | ring | auto (ring when world size > 1)."""
     tile_size: int = 1024
     """Rows and columns of the logit tiles the ring backend computes at a time."""
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    """Learned (default), fixed or scheduled softmax temperature."""
 
     def __post_init__(self) -> None:
         if self.tile_size < 1:

@@ -43,8 +43,10 @@ class ContrastiveBackend(Protocol):
         logit_scale: Tensor,
         *,
         neg_text_features: Tensor | None = None,
+        leave_one_out: bool = False,
     ) -> Tensor:
-        """CLIP loss (NegCLIP with (b·K, D) or (b, K, D) hard-negative captions)."""
+        """CLIP loss (NegCLIP with (b·K, D) or (b, K, D) hard-negative captions); with
+        `leave_one_out` each positive is left out of its own denominator (DCL / InfoLOOB)."""
         ...
 
     def sigmoid(
@@ -67,9 +69,14 @@ class LocalBackend:
         logit_scale: Tensor,
         *,
         neg_text_features: Tensor | None = None,
+        leave_one_out: bool = False,
     ) -> Tensor:
         return local_clip_loss(
-            image_features, text_features, logit_scale, neg_text_features=neg_text_features
+            image_features,
+            text_features,
+            logit_scale,
+            neg_text_features=neg_text_features,
+            leave_one_out=leave_one_out,
         )
 
     def sigmoid(
@@ -92,6 +99,7 @@ class GatherBackend:
         logit_scale: Tensor,
         *,
         neg_text_features: Tensor | None = None,
+        leave_one_out: bool = False,
     ) -> Tensor:
         return gather_clip_loss(
             image_features,
@@ -99,6 +107,7 @@ class GatherBackend:
             logit_scale,
             neg_text_features=neg_text_features,
             group=self.group,
+            leave_one_out=leave_one_out,
         )
 
     def sigmoid(
@@ -124,6 +133,7 @@ class RingBackend:
         logit_scale: Tensor,
         *,
         neg_text_features: Tensor | None = None,
+        leave_one_out: bool = False,
     ) -> Tensor:
         return ring_clip_loss(
             image_features,
@@ -132,6 +142,7 @@ class RingBackend:
             neg_text_features=neg_text_features,
             group=self.group,
             tile_size=self.tile_size,
+            leave_one_out=leave_one_out,
         )
 
     def sigmoid(

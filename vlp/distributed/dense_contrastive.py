@@ -8,6 +8,10 @@ Losses on the global batch (the definitions every backend implements):
 - softmax (CLIP; NegCLIP with negatives): mean over the B images of CE(image -> [all texts, all
   negatives]) plus mean over the B texts of CE(text -> all images), halved. Equals open_clip
   `ClipLoss` on the full batch; negatives are extra columns of the image->text direction only.
+- softmax with `leave_one_out=True` (DCL, Yeh et al. 2022; InfoLOOB, Fürst et al. 2022): the
+  same, but each row's positive is left out of its own denominator: per row, −s·x_i·y_i +
+  logsumexp over the row's other columns (hard negatives stay in). Unlike InfoNCE it can be
+  negative and is unbounded below.
 - sigmoid (SigLIP): -sum over all B×B pairs of logsigmoid(±(s x·y + t)) / B, + on the diagonal.
   Equals open_clip `SigLipLoss` on the full batch.
 
@@ -22,7 +26,12 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from vlp.distributed.collectives import Ring, all_gather_with_grad
-from vlp.distributed.shapes import check_local, check_same_on_every_rank, flat_negatives
+from vlp.distributed.shapes import (
+    check_leave_one_out,
+    check_local,
+    check_same_on_every_rank,
+    flat_negatives,
+)
 
 
 def softmax_rows_loss(
@@ -34,18 +43,28 @@ def softmax_rows_loss(
     *,
     all_neg_text: Tensor | None = None,
     offset: int = 0,
+    leave_one_out: bool = False,
 ) -> Tensor:
     """Softmax loss of b rows against all B columns, averaged over the b rows.
 
     Row i's positive is column offset + i. With rows = all columns this is the full loss.
+    `leave_one_out`: the positive is not in its row's denominator (DCL / InfoLOOB).
     """
     columns = all_text if all_neg_text is None else torch.cat([all_text, all_neg_text])
     logits_per_image = logit_scale * image_rows @ columns.T  # (b, B + B·K)
     logits_per_text = logit_scale * text_rows @ all_image.T  # (b, B)
     labels = torch.arange(image_rows.shape[0], device=image_rows.device) + offset
-    return (
-        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
-    ) / 2
+    rows_loss = _leave_one_out_loss if leave_one_out else F.cross_entropy
+    return (rows_loss(logits_per_image, labels) + rows_loss(logits_per_text, labels)) / 2
+
+
+def _leave_one_out_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """mean_i [logsumexp_{j ≠ labels_i} logits_ij − logits_i,labels_i]: the DCL / InfoLOOB row
+    loss, whose denominator leaves the positive out."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    positive = logits[rows, labels]
+    others = logits.index_put((rows, labels), logits.new_tensor(float("-inf")))
+    return (torch.logsumexp(others, dim=1) - positive).mean()
 
 
 def sigmoid_rows_loss(
@@ -70,10 +89,12 @@ def local_clip_loss(
     logit_scale: Tensor,
     *,
     neg_text_features: Tensor | None = None,
+    leave_one_out: bool = False,
 ) -> Tensor:
     """Softmax (CLIP / NegCLIP) loss of one process's batch; no collectives."""
     check_local(image_features, text_features, neg_text_features, logit_scale)
     neg = flat_negatives(neg_text_features, image_features.shape[0])
+    check_leave_one_out(leave_one_out, image_features.shape[0])
     return softmax_rows_loss(
         image_features,
         text_features,
@@ -81,6 +102,7 @@ def local_clip_loss(
         text_features,
         logit_scale,
         all_neg_text=neg,
+        leave_one_out=leave_one_out,
     )
 
 
@@ -105,6 +127,7 @@ def gather_clip_loss(
     *,
     neg_text_features: Tensor | None = None,
     group: ProcessGroup | None = None,
+    leave_one_out: bool = False,
 ) -> Tensor:
     """Softmax loss on the global batch, open_clip style (all-gather with grad, local rows).
 
@@ -119,6 +142,7 @@ def gather_clip_loss(
     neg = flat_negatives(neg_text_features, image_features.shape[0])
     ring = Ring.of(group)
     check_same_on_every_rank(image_features, neg, ring)
+    check_leave_one_out(leave_one_out, ring.size * image_features.shape[0])
     rank_loss = softmax_rows_loss(
         image_features,
         text_features,
@@ -127,6 +151,7 @@ def gather_clip_loss(
         logit_scale,
         all_neg_text=None if neg is None else all_gather_with_grad(neg, ring),
         offset=ring.rank * image_features.shape[0],
+        leave_one_out=leave_one_out,
     )
     return _global_value(rank_loss, ring)
 

@@ -22,6 +22,12 @@ three column-result blocks (being computed, being sent, being received), i.e. O(
 plus a few (t, t) tile temporaries. Only x, y, n and the two LSE vectors (b) are saved for the
 backward (softmax); the sigmoid keeps its finished (b, D) gradients instead.
 
+Leave-one-out softmax (DCL / InfoLOOB, `leave_one_out=True`): each positive is left out of its
+row's and its column's log-sum-exp. Positives lie on the diagonal of the diagonal tiles of the
+own (home) block, which the forward (after reading the positives off) and the recomputing
+backward both set to −inf, so they add nothing to an LSE nor to a probability-weighted sum; the
+positives' own gradient (−1/(2B) per direction) is unchanged.
+
 Precision: tiles are computed and reduced in float32 (float64 for float64 features): the
 operands are upcast once per block, so with bf16/fp16 features the loss is the float32 loss of
 the rounded features, not one of similarities rounded to half precision (bf16 rounds x·y by up
@@ -48,7 +54,12 @@ from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
 from vlp.distributed.collectives import Ring
-from vlp.distributed.shapes import check_local, check_same_on_every_rank, flat_negatives
+from vlp.distributed.shapes import (
+    check_leave_one_out,
+    check_local,
+    check_same_on_every_rank,
+    flat_negatives,
+)
 
 DEFAULT_TILE_SIZE = 1024
 """Rows and columns per logits tile: a tile's temporaries are a few t² floats."""
@@ -124,11 +135,12 @@ class _TileBuffers:
 
 
 def _lse(logits: Tensor, dim: int, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """logsumexp of finite logits along `dim`, and the peaks it shifted by (keepdim).
+    """logsumexp of logits along `dim`, and the peaks it shifted by (keepdim).
 
-    The shifted exponentials are left in `scratch`.
+    The shifted exponentials are left in `scratch`. Logits may be −inf (a left-out positive);
+    the peak is kept finite so that a line of only −inf has LSE −inf, not NaN.
     """
-    peak = logits.amax(dim, keepdim=True)
+    peak = logits.amax(dim, keepdim=True).clamp_min_(torch.finfo(logits.dtype).min)
     torch.sub(logits, peak, out=scratch).exp_()
     return scratch.sum(dim).log_().add_(peak.squeeze(dim)), peak
 
@@ -177,13 +189,15 @@ def _block_lse(
     row_lse: Tensor,
     with_columns: bool,
     positive: Tensor | None = None,
+    leave_one_out: bool = False,
 ) -> Tensor | None:
     """Merge each row's log-sum-exp of xs·columnsᵀ into `row_lse`; return the columns' LSE.
 
     xs: this rank's rows already multiplied by the scale, in float32+ (as `columns`). Reduced
     tile by tile; the column LSE covers this rank's rows only. With `positive` (the own block),
     the diagonal logits are copied into it from the very tiles the LSEs come from, so that
-    LSE ≥ positive holds exactly and the loss is never negative from rounding.
+    LSE ≥ positive holds exactly and the loss is never negative from rounding; with
+    `leave_one_out` the diagonal logits are then left out of both LSEs.
     """
     buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     col_lse = xs.new_full((columns.shape[0],), float("-inf"), dtype=row_lse.dtype)
@@ -192,6 +206,8 @@ def _block_lse(
             logits = buffers.logits(xs[i], columns[j])
             if positive is not None and i == j:
                 positive[i] = logits.diagonal()
+                if leave_one_out:
+                    logits.diagonal().fill_(float("-inf"))
             scratch = buffers.scratch(logits)
             tile_row_lse, row_peak = _lse(logits, 1, scratch)
             torch.logaddexp(row_lse[i], tile_row_lse, out=row_lse[i])
@@ -210,18 +226,22 @@ def _block_softmax_grads(
     row_lse: Tensor,
     col_lse: Tensor | None,
     dx: Tensor,
+    without_diagonal: bool = False,
 ) -> Tensor:
     """Probability-weighted sums of one block's tiles: dx += P·c; returns Pᵀ·x.
 
     P = exp(xs·cᵀ − row_lse) [+ exp(xs·cᵀ − col_lse)] is recomputed from the saved LSEs; the
     caller multiplies by the incoming gradient and the scale afterwards (once per block, not
-    once per tile), and gets the scale's gradient from Σ x ⊙ dx.
+    once per tile), and gets the scale's gradient from Σ x ⊙ dx. `without_diagonal` (the home
+    block of the leave-one-out softmax): the diagonal tiles' diagonals get no probability.
     """
     buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     dcols = _zeros(x, row_lse.dtype, columns.shape)
     for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
             logits = buffers.logits(xs[i], columns[j])
+            if without_diagonal and i == j:
+                logits.diagonal().fill_(float("-inf"))
             p = torch.sub(logits, row_lse[i, None], out=buffers.scratch(logits)).exp_()
             if col_lse is not None:
                 p += logits.sub_(col_lse[None, j]).exp_()
@@ -276,7 +296,8 @@ def _logaddexp_(part: Tensor, earlier: Tensor) -> Tensor:
 
 
 class _RingSoftmaxLoss(torch.autograd.Function):
-    """Global-batch CLIP/NegCLIP loss; see the module docstring for gradient semantics."""
+    """Global-batch CLIP/NegCLIP loss (leave-one-out: DCL / InfoLOOB); see the module
+    docstring for gradient semantics."""
 
     @staticmethod
     def forward(
@@ -287,6 +308,7 @@ class _RingSoftmaxLoss(torch.autograd.Function):
         logit_scale: Tensor,
         ring: Ring,
         tile_size: int,
+        leave_one_out: bool,
     ) -> Tensor:
         with _without_autocast(x):
             dtype = _acc_dtype(x.dtype)
@@ -304,6 +326,7 @@ class _RingSoftmaxLoss(torch.autograd.Function):
                     row_lse=row_lse,
                     with_columns=True,
                     positive=own,
+                    leave_one_out=leave_one_out,
                 )
                 if n is not None:
                     _block_lse(
@@ -316,7 +339,7 @@ class _RingSoftmaxLoss(torch.autograd.Function):
             # This rank's rows' and columns' share of the global loss; the shares sum to L.
             share = ((row_lse - positive).sum() + (col_lse - positive).sum()) / (2 * global_batch)
             ctx.save_for_backward(x, y, n, logit_scale, row_lse, col_lse)
-            ctx.ring, ctx.tile_size = ring, tile_size
+            ctx.ring, ctx.tile_size, ctx.leave_one_out = ring, tile_size, leave_one_out
             return ring.all_reduce_sum(share)
 
     @staticmethod
@@ -334,7 +357,9 @@ class _RingSoftmaxLoss(torch.autograd.Function):
             coef = grad_loss.to(dtype) * ring.size / (2 * global_batch)
             p_sums = _zeros(x, dtype, x.shape)  # Σ_j P_ij·c_j over every block's columns
 
-            def block_grads(columns: Tensor, col_lse_block: Tensor | None) -> Tensor:
+            def block_grads(
+                columns: Tensor, col_lse_block: Tensor | None, home: bool = False
+            ) -> Tensor:
                 return _block_softmax_grads(
                     xs,
                     xf,
@@ -343,10 +368,11 @@ class _RingSoftmaxLoss(torch.autograd.Function):
                     row_lse=row_lse,
                     col_lse=col_lse_block,
                     dx=p_sums,
+                    without_diagonal=home and ctx.leave_one_out,
                 ).mul_(coef * s)
 
             def visit(block: list[Tensor]) -> list[Tensor]:
-                dy_block = block_grads(block[0], block[-1])
+                dy_block = block_grads(block[0], block[-1], home=block[0] is y)
                 return [dy_block] if n is None else [dy_block, block_grads(block[1], None)]
 
             block = [y, col_lse] if n is None else [y, n, col_lse]
@@ -359,7 +385,7 @@ class _RingSoftmaxLoss(torch.autograd.Function):
             dy = column_grads[0].addcmul_(xf, minus_positive)
             dn = None if n is None else column_grads[1].to(n.dtype)
             grad_scale = ds.to(logit_scale.dtype).reshape(logit_scale.shape)
-            return dx.to(x.dtype), dy.to(y.dtype), dn, grad_scale, None, None
+            return dx.to(x.dtype), dy.to(y.dtype), dn, grad_scale, None, None, None
 
 
 class _RingSigmoidLoss(torch.autograd.Function):
@@ -445,6 +471,7 @@ def ring_clip_loss(
     neg_text_features: Tensor | None = None,
     group: ProcessGroup | None = None,
     tile_size: int = DEFAULT_TILE_SIZE,
+    leave_one_out: bool = False,
 ) -> Tensor:
     """CLIP softmax loss over the global batch (NegCLIP with `neg_text_features`), ring-tiled.
 
@@ -452,7 +479,8 @@ def ring_clip_loss(
     the exponentiated scale (scalar tensor); neg_text_features (b·K, D) or (b, K, D), hard
     negative captions for this rank's images: extra columns of every image's image->text
     softmax (all ranks' negatives, as NegCLIP concatenates them to the text batch), never rows
-    of the text->image direction. b, D and K must be equal on every rank.
+    of the text->image direction. b, D and K must be equal on every rank. `leave_one_out`:
+    each positive is left out of its own row's denominator (DCL / InfoLOOB).
 
     Returns the loss on the global batch (same value on every rank). Gradients: W × this rank's
     share, so that DDP's mean over ranks gives the global-batch gradient of every parameter (see
@@ -462,8 +490,10 @@ def ring_clip_loss(
     ring = Ring.of(group)
     neg = flat_negatives(neg_text_features, image_features.shape[0])
     _check(image_features, text_features, neg, [logit_scale], ring, tile_size)
-    loss = _RingSoftmaxLoss.apply(image_features, text_features, neg, logit_scale, ring, tile_size)
-    return loss
+    check_leave_one_out(leave_one_out, ring.size * image_features.shape[0])
+    return _RingSoftmaxLoss.apply(
+        image_features, text_features, neg, logit_scale, ring, tile_size, leave_one_out
+    )
 
 
 def ring_siglip_loss(

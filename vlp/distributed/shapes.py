@@ -85,3 +85,12 @@ def check_same_on_every_rank(
             "Use drop_last / equal per-rank batches."
         )
     agreed.add((b, d, num_neg))
+
+
+def check_leave_one_out(leave_one_out: bool, global_batch: int) -> None:
+    """A leave-one-out softmax (DCL / InfoLOOB) needs a negative in every row: B >= 2."""
+    if leave_one_out and global_batch < 2:
+        raise ValueError(
+            f"the leave-one-out softmax (DCL / InfoLOOB) needs a global batch of at least 2 "
+            f"pairs, got {global_batch}: a row without negatives has an empty denominator"
+        )

@@ -9,6 +9,9 @@ Loss on the global batch: ½ [mean_i CE(s·x_i·[y_1..y_B, n_1..n_{B·K}], i)
 a row of the text→image direction (a negative caption has no matching image). Through the
 contrastive backend, so it is the global-batch loss whatever the number of processes.
 
+`denominator: leave_one_out` (see `vlp.objectives.clip`) leaves each positive out of its own
+denominator; the hard negatives stay in it.
+
 NegCLIP also adds hard-negative *images* (nearest-neighbour images with their own captions) to
 the batch; that is a data-side change and is not done here.
 """
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlp.objectives.clip import DENOMINATORS, check_denominator
 from vlp.objectives.registry import register
 
 
@@ -28,7 +32,11 @@ from vlp.objectives.registry import register
 class NegClipObjective(nn.Module):
     @dataclass
     class Config:
-        pass
+        denominator: str = "all"
+        """all = InfoNCE (NegCLIP); leave_one_out = the positive left out (DCL / InfoLOOB)."""
+
+        def __post_init__(self) -> None:
+            check_denominator("negclip", self.denominator)
 
     requires: set[str] = {"neg_text"}
     requires_outputs: set[str] = set()
@@ -49,5 +57,6 @@ class NegClipObjective(nn.Module):
             output["text_features"],
             output["logit_scale"],
             neg_text_features=output["neg_text_features"],
+            leave_one_out=DENOMINATORS[self.cfg.denominator],
         )
         return {"negclip": loss}

@@ -9,6 +9,7 @@ slice of the config, and offers `restore()`, `step()`, `log()`, `save()` and `ev
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class Trainer:
         self.data = resolve_data(cfg, self.accelerator)
         self.suites = build_eval_suites(cfg.eval, self.data, self.accelerator)
         self.bundle = build_model(cfg.model)
+        if not cfg.loss.temperature.learned:  # set by the schedule, never by the optimizer
+            self.bundle.model.logit_scale.requires_grad_(False)
         backend = build_backend(cfg.loss.backend, tile_size=cfg.loss.tile_size)
         self.objective = build_objectives(cfg.objectives, backend=backend)
         model = DualEncoder(self.bundle.model)
@@ -105,6 +108,7 @@ class Trainer:
         decision: the result's tensors stay on the device)."""
         train, accelerator = self.cfg.train, self.accelerator
         self._step_samples = 0
+        self._schedule_temperature()
         micro_batches = self._micro_batches()
         if train.grad_cache:  # the micro-batches form one contrastive batch
             terms = cached_step_backward(accelerator, self.model, self.objective,
@@ -123,6 +127,15 @@ class Trainer:
         self._window_samples += self._step_samples
         return StepResult(terms, grad_norm, skipped, failed, self._step_samples,
                           self._skipped_samples)
+
+    def _schedule_temperature(self) -> None:
+        """A fixed or scheduled temperature: logit_scale = log(1/τ(step)) for this step. A
+        function of the step alone, so a resumed run continues it with nothing saved."""
+        temperature = self.cfg.loss.temperature
+        if not temperature.learned:
+            tau = temperature.at(self.state.step, self.cfg.train.steps)
+            with torch.no_grad():
+                self.bundle.model.logit_scale.fill_(math.log(1.0 / tau))
 
     def _micro_batches(self) -> Iterator[Batch]:
         for _ in range(self.cfg.train.grad_accum):
