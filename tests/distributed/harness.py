@@ -29,10 +29,13 @@ from torch.utils._pytree import tree_leaves
 from vlp.distributed import Ring, build_backend
 
 WORLD_SIZES = (1, 2, 3, 4)
-KINDS = ("softmax", "sigmoid", "negatives")
+KINDS = ("softmax", "sigmoid", "negatives", "leave_one_out", "leave_one_out_negatives")
+"""leave_one_out: the softmax with each positive left out of its own denominator (DCL /
+InfoLOOB); _negatives: with NegCLIP's hard negatives too."""
 DTYPES = ("float64", "float32")
 INPUT_DIM, FEATURE_DIM, LOCAL_BATCH, NUM_NEGATIVES = 24, 32, 9, 3
-TILE_SIZES = {"softmax": 5, "sigmoid": 7, "negatives": 5}  # neither divides b = 9 nor b·K = 27
+TILE_SIZES = {"softmax": 5, "sigmoid": 7, "negatives": 5,  # neither divides b = 9 nor b·K = 27
+              "leave_one_out": 5, "leave_one_out_negatives": 4}
 
 
 def backends_for(world_size: int) -> tuple[str, ...]:
@@ -106,8 +109,9 @@ def backend_loss(backend: Any, kind: str, params: dict, features: dict) -> Tenso
     scale = params["log_scale"].exp()
     if kind == "sigmoid":
         return backend.sigmoid(features["image"], features["text"], scale, params["bias"])
-    negatives = features["neg"] if kind == "negatives" else None
-    return backend.softmax(features["image"], features["text"], scale, neg_text_features=negatives)
+    negatives = features["neg"] if kind.endswith("negatives") else None
+    return backend.softmax(features["image"], features["text"], scale, neg_text_features=negatives,
+                           leave_one_out=kind.startswith("leave_one_out"))
 
 
 def _ddp_mean(grad: Tensor) -> Tensor:

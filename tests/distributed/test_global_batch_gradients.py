@@ -1,6 +1,7 @@
 """Every backend, on 1–4 gloo ranks, reproduces the global-batch loss and its gradients.
 
-The reference is open_clip's `ClipLoss` / `SigLipLoss` (and NegCLIP written out by hand) on the
+The reference is open_clip's `ClipLoss` / `SigLipLoss` (and NegCLIP and the leave-one-out softmax
+of DCL / InfoLOOB written out by hand from their definitions) on the
 whole global batch in one process, in float64. Ranks emulate DDP: parameter gradients are
 averaged over ranks; raw feature gradients are W × the global-batch gradient of the rank's rows.
 """
@@ -49,6 +50,24 @@ def negclip_loss(image: Tensor, text: Tensor, neg: Tensor, scale: Tensor) -> Ten
     return (image_to_text + text_to_image) / 2
 
 
+def leave_one_out_loss(image: Tensor, text: Tensor, scale: Tensor, neg: Tensor | None) -> Tensor:
+    """DCL / InfoLOOB from the papers' definition, row by row: −s_ii + log Σ_{j≠i} exp(s_ij) in
+    each direction (hard negatives are among the j ≠ i of the image->text rows), halved."""
+    logits = scale * image @ text.T
+    extra = None if neg is None else scale * image @ neg.reshape(-1, neg.shape[-1]).T
+
+    def direction(rows: Tensor, more: Tensor | None) -> Tensor:
+        losses = []
+        for i in range(rows.shape[0]):
+            others = torch.cat([rows[i, :i], rows[i, i + 1:]])
+            if more is not None:
+                others = torch.cat([others, more[i]])
+            losses.append(torch.logsumexp(others, dim=0) - rows[i, i])
+        return torch.stack(losses).mean()
+
+    return (direction(logits, extra) + direction(logits.T, None)) / 2
+
+
 @functools.cache
 def reference(world_size: int, case: Case) -> dict[str, Tensor]:
     """Loss and gradients on the global batch in one process (float64 from the same inputs)."""
@@ -60,8 +79,11 @@ def reference(world_size: int, case: Case) -> dict[str, Tensor]:
         loss = ClipLoss()(image, text, scale)
     elif case.kind == "sigmoid":
         loss = SigLipLoss()(image, text, scale, params["bias"])
-    else:
+    elif case.kind == "negatives":
         loss = negclip_loss(image, text, features["neg"], scale)
+    else:
+        neg = features["neg"] if case.kind.endswith("negatives") else None
+        loss = leave_one_out_loss(image, text, scale, neg)
     loss.backward()
     result = {"loss": loss.detach()}
     result |= {f"grad_{k}": f.grad for k, f in features.items() if f.grad is not None}
@@ -97,7 +119,7 @@ def test_parameter_gradients_after_ddp_mean_equal_global_batch_gradients(
 @pytest.mark.parametrize(("world_size", "case"), CASES, ids=IDS)
 def test_feature_gradients_are_world_size_times_global_batch_gradients(world_size: int, case: Case):
     expected = reference(world_size, case)
-    features = ["image", "text"] + (["neg"] if case.kind == "negatives" else [])
+    features = ["image", "text"] + (["neg"] if case.kind.endswith("negatives") else [])
     for rank, rank_result in enumerate(world_results(world_size)):
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         result = rank_result[f"grad/{case.key}"]
