@@ -31,6 +31,8 @@ TERMS = {
     "shapesworld-tiny-negclip.yaml": {"negclip"},
     "shapesworld-tiny-gap.yaml": {"clip", "align", "uniform_image", "uniform_text",
                                   "uniform_cross"},
+    "shapesworld-tiny-dcl.yaml": {"clip"},
+    "shapesworld-tiny-fixed-temp.yaml": {"clip"},
 }
 
 

@@ -90,7 +90,8 @@ def test_every_training_override_is_the_same_for_every_objective(bench, tmp_path
     with_model = bench.train_overrides(tmp_path, steps=7, seed=2, batch_size=16, cache_dir="c",
                                        model="vlp-tiny")
     assert with_model == [*overrides, "model.name=vlp-tiny"]
-    assert set(bench.RECIPES) == {"clip", "siglip", "negclip", "clip+align_uniform"}
+    assert set(bench.RECIPES) == {"clip", "siglip", "negclip", "clip+align_uniform", "dcl",
+                                  "fixed_temp"}
     assert all(path.is_file() for path in bench.RECIPES.values())
 
 
