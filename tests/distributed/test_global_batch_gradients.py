@@ -1,8 +1,8 @@
 """Every backend, on 1–4 gloo ranks, reproduces the global-batch loss and its gradients.
 
-The reference is open_clip's `ClipLoss` / `SigLipLoss` (and NegCLIP and the leave-one-out softmax
-of DCL / InfoLOOB written out by hand from their definitions) on the
-whole global batch in one process, in float64. Ranks emulate DDP: parameter gradients are
+The reference is open_clip's `ClipLoss` / `SigLipLoss` (and NegCLIP and the leave-one-out
+softmax of DCL / InfoLOOB written out by hand from their definitions) on the whole global batch
+in one process, in float64. Ranks emulate DDP: parameter gradients are
 averaged over ranks; raw feature gradients are W × the global-batch gradient of the rank's rows.
 """
 
