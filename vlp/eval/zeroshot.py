@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlp.eval.benchmark_data import CLASSIFICATION, read_benchmark
-from vlp.eval.cache import active_cache
+from vlp.eval.cache import active_cache, tokenize
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -77,7 +77,7 @@ def encode_texts(
 
 def _encode_texts(model: DualEncoder, tokenizer: Tokenizer, texts: list[str], device: Device
                   ) -> torch.Tensor:
-    features = text_features(model, tokenizer(texts).to(device)).float()
+    features = text_features(model, tokenize(tokenizer, texts).to(device)).float()
     return F.normalize(features, dim=-1)
 
 
