@@ -69,6 +69,13 @@ def test_histograms_hold_the_positive_and_off_diagonal_similarities():
     assert histograms["diag/neg_similarity"].mean().item() == pytest.approx(mean_negative.item())
 
 
+def test_a_single_row_micro_batch_has_no_diagnostics_rather_than_failing():
+    x = unit_rows(1, 4)
+    diagnostics = step_diagnostics({"image_features": x, "text_features": x,
+                                    "logit_scale": torch.tensor(1.0)})
+    assert diagnostics.scalars == {} and diagnostics.histograms == {}
+
+
 def test_diagnostics_are_due_every_n_steps_and_never_when_off():
     assert [s for s in range(1, 13) if diagnostics_due(4, s)] == [4, 8, 12]
     assert not any(diagnostics_due(0, s) for s in range(1, 13))

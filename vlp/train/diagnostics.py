@@ -52,9 +52,12 @@ def diagnostics_due(every: int, step: int) -> bool:
 
 @torch.no_grad()
 def step_diagnostics(output: dict[str, Any]) -> Diagnostics:
-    """The diagnostics (module docstring) of one micro-batch's model output; needs 2+ rows."""
+    """The diagnostics (module docstring) of one micro-batch's model output; none for a
+    micro-batch of one row (no pairs to compare)."""
     x = output["image_features"].detach().float()
     y = output["text_features"].detach().float()
+    if len(x) < 2:
+        return Diagnostics({})
     stats = pair_statistics(x, y)
     scalars = {PREFIX + _RENAMED.get(name, name): value for name, value in stats.items()}
     scalars[PREFIX + "temperature"] = 1.0 / output["logit_scale"].detach().float().reshape(())
