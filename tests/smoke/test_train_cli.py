@@ -110,7 +110,8 @@ def test_config_error_fails_before_training_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "vlp train: error: unknown key 'train.stpes'; train accepts: steps, grad_accum, "
-        "grad_cache, mixed_precision, seed, log_every, trackers, max_nonfinite_steps"]
+        "grad_cache, mixed_precision, seed, log_every, trackers, max_nonfinite_steps, "
+        "diagnostics_every"]
     assert not (tmp_path / "run").exists()
 
 
