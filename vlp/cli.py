@@ -76,7 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, format=args.format,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, gap_reference=args.gap_reference)
     except (CheckpointError, ExportError, ConversionError) as err:
         return _user_error("export", err)
     print(f"exported {args.checkpoint} ({args.format}) to {out}")
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=("open_clip", "hf"))
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--gap-reference", metavar="ROOT",
+                        help="also store the mean image and text embedding of this benchmark "
+                             "root (modality_means.json) for post-hoc gap removal")
     export.set_defaults(func=cmd_export)
 
     embed = sub.add_parser(

@@ -309,9 +309,14 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Stop (after saving the last good state) when this many steps in a row had a non-finite
     loss or gradient; such steps are skipped and counted."""
+    diagnostics_every: int = 50
+    """Steps between training diagnostics (similarity histograms, modality gap, alignment,
+    uniformity, temperature, hard negatives above the positive; `vlp.train.diagnostics`), from
+    the features the step already has; a diagnostic step is also a log step. 0 = off."""
 
     def __post_init__(self) -> None:
         check_number("train.steps", self.steps, 1, MAX_INT)
+        check_number("train.diagnostics_every", self.diagnostics_every, 0, MAX_INT)
         check_number("train.seed", self.seed, 0, MAX_SEED)
         if self.grad_accum <= 0:
             raise ConfigError(f"train.grad_accum must be > 0, got {self.grad_accum}")

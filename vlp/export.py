@@ -5,6 +5,10 @@
     vlp export --checkpoint runs/x --format hf --out DIR
         transformers.CLIPModel.from_pretrained(DIR), CLIPProcessor.from_pretrained(DIR)
 
+With `--gap-reference ROOT` (a zero-shot or retrieval benchmark root) the export also holds
+`modality_means.json`: the mean image and mean text embedding of that root's matched pairs, for
+applications that remove the modality gap as `vlp.eval.gap_removal` does (GR-CLIP).
+
 Both read only the checkpoint (`vlp.models.loading`, after checking it against its manifest)
 and write to `DIR.tmp` first, renamed into place when complete, with the file mode the umask
 gives new files. The transformers export needs an architecture that is a `CLIPModel`
@@ -39,10 +43,11 @@ class ExportError(ValueError):
 
 def export_checkpoint(
     checkpoint: str | Path, out: str | Path, *, format: str, overwrite: bool = False,
-    verify: bool = True,
+    verify: bool = True, gap_reference: str | Path | None = None,
 ) -> Path:
     """Write the model of `checkpoint` (or a run folder's latest) to folder `out` in `format`,
-    once its files match its manifest (unless `verify` is False)."""
+    once its files match its manifest (unless `verify` is False); with `gap_reference`, also
+    that benchmark root's modality means (`write_modality_means`)."""
     if format not in FORMATS:
         raise ExportError(f"--format: unknown {format!r}; known: {', '.join(FORMATS)}")
     out = Path(out).resolve()
@@ -54,12 +59,29 @@ def export_checkpoint(
     tmp.mkdir(parents=True)
     try:
         (export_open_clip if format == "open_clip" else export_hf)(loaded, tmp, final=out)
+        if gap_reference is not None:
+            write_modality_means(loaded, Path(gap_reference), tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def write_modality_means(loaded: LoadedCheckpoint, reference: Path, folder: Path) -> Path:
+    """`modality_means.json` in `folder`: the means of the model's embeddings of `reference`'s
+    matched (image, text) pairs (`vlp.eval.gap.matched_pairs`), on the CPU."""
+    from vlp.eval.gap import matched_pairs
+    from vlp.eval.gap_removal import GAP_MEANS_FILE, ModalityMeans
+
+    try:
+        image, text, source = matched_pairs(loaded.model, loaded.tokenizer, loaded.preprocess,
+                                            reference, progress=False)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"--gap-reference: {err}") from None
+    return ModalityMeans.of(image, text).save(folder / GAP_MEANS_FILE,
+                                              reference=f"{reference} ({source})")
 
 
 def _weights(loaded: LoadedCheckpoint) -> dict[str, Any]:

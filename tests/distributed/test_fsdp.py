@@ -31,7 +31,7 @@ from vlp.data.cache import prepare_shapesworld
 from vlp.distributed import build_backend
 from vlp.models import DualEncoder, build_model
 from vlp.objectives import build_objectives
-from vlp.train.build import zeroshot_suite
+from vlp.train.build import DataSources, end_of_run_suite
 from vlp.train.checkpointing import restore_run_checkpoint, save_run_checkpoint
 from vlp.train.fsdp import shard_model
 from vlp.train.step import accumulated_backward, apply_update
@@ -142,7 +142,7 @@ def rank_main(rank: int, port: int, out: str, zeroshot: str) -> None:
         assert accelerator.is_fsdp2 == (name == "fsdp")
         results[f"{name}_logit_scale"] = bundle.model.logit_scale.item()
         if name == "fsdp":  # a sharded forward needs every rank
-            suite = zeroshot_suite({"zeroshot": Path(zeroshot)}, batch_size=16)
+            suite = end_of_run_suite(DataSources("", {"zeroshot": Path(zeroshot)}), batch_size=16)
             result = evaluate_on_ranks(accelerator, model, bundle, suite, out_dir / "eval",
                                        step=STEPS, batch_size=16, model_name="vlp-tiny")
             results["eval"] = None if result is None else result.flat_metrics("eval")

@@ -185,6 +185,23 @@ def test_dropout_and_batch_norm_see_each_micro_batch_once():
 # ---------------------------------------------------------------- 2 gloo ranks under DDP
 
 
+def test_observer_sees_the_last_micro_batch_output_and_gradients_are_unchanged():
+    batch = make_batch(NUM_MICRO * MICRO)
+    expected, _ = plain_step("negclip", batch)
+    model = make_model()
+    objective = build_objectives(OBJECTIVES["negclip"], backend=build_backend("local"))
+    seen = []
+    cached_backward(model, objective, micro_batches_for("negclip", batch),
+                    device=torch.device("cpu"), observe=seen.append)
+    assert_same_gradients(gradients(model), expected)
+    (output,) = seen
+    last = rows(batch, (NUM_MICRO - 1) * MICRO, NUM_MICRO * MICRO)
+    with torch.no_grad():
+        reference = make_model()(last["image"], last["text"], last["neg_text"])
+    for name in ("image_features", "text_features", "neg_text_features"):
+        torch.testing.assert_close(output[name], reference[name])
+
+
 def ddp_rank(rank: int, store_dir: str) -> None:
     """Each rank: a grad-cache step on its b rows of the global batch, for every objective."""
     torch.set_num_threads(1)

@@ -66,6 +66,13 @@ def test_training_lowers_the_loss_and_writes_the_report(tmp_path, cache):
     assert result["task"] == "zeroshot_classification"
     assert set(result["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
     assert f"report: {run / 'report.md'}" in proc.stdout
+    # binding, not only naming: the end-of-run report adds ShapesWorld's binding subsets
+    results = json.loads((run / "results.json").read_text())
+    assert set(results) == {"zeroshot", "zeroshot_heldout", "sugarcrepe", "train"}
+    binding = results["sugarcrepe"]
+    assert {"swap_att", "swap_obj", "replace_rel"} <= set(binding) and "add_att" not in binding
+    assert all(0.0 <= binding[s] <= 1.0 for s in ("swap_att", "swap_obj", "replace_rel"))
+    assert "swap_att" in (run / "report.md").read_text()
 
 
 def test_resume_continues_from_the_saved_step(tmp_path, cache):
@@ -103,7 +110,8 @@ def test_config_error_fails_before_training_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "vlp train: error: unknown key 'train.stpes'; train accepts: steps, grad_accum, "
-        "grad_cache, mixed_precision, seed, log_every, trackers, max_nonfinite_steps"]
+        "grad_cache, mixed_precision, seed, log_every, trackers, max_nonfinite_steps, "
+        "diagnostics_every"]
     assert not (tmp_path / "run").exists()
 
 

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from vlp.eval.benchmark_data import count_samples, read_benchmark, write_benchmark
-from vlp.eval.cache import active_cache, suite_cache
+from vlp.eval.cache import active_cache, suite_cache, tokenize
 from vlp.eval.gap import evaluate_gap
 from vlp.eval.order import evaluate_order
 from vlp.eval.retrieval import evaluate_retrieval
@@ -112,6 +112,30 @@ def test_cached_suite_scores_equal_benchmarks_run_one_by_one(tmp_path, suite, ro
     for name, metrics in alone.items():
         suite_metrics = {k: result.results[name].metrics[k] for k in metrics}
         assert suite_metrics == pytest.approx(metrics, abs=1e-6), name
+
+
+def test_token_ids_outlive_a_suite_run_while_its_tokenizer_lives(tmp_path, suite):
+    model = CountingModel()
+    tokenizer = model.tokenizer  # one tokenizer object for every evaluation, as in a training run
+
+    for step in range(2):
+        evaluate_suite(model, tokenizer, colour, suite, tmp_path / f"out{step}", progress=False,
+                       write_files=False)
+
+    distinct = set(model.tokenized)
+    assert len(model.tokenized) == len(distinct)  # tokenized in the first run only
+    assert model.text_rows == 2 * len(distinct)  # but encoded in both: the weights may change
+
+
+def test_cached_token_ids_equal_the_tokenizer_s():
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("RN50")
+    texts = [CAPTIONS[2], CAPTIONS[0], CAPTIONS[2]]
+    tokenize(tokenizer, CAPTIONS[:1])  # one text known beforehand
+
+    assert torch.equal(tokenize(tokenizer, texts), tokenizer(texts))
+    assert torch.equal(tokenize(tokenizer, texts[::-1]), tokenizer(texts[::-1]))
 
 
 def test_count_samples_reads_the_tar_headers(root):

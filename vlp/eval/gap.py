@@ -49,48 +49,68 @@ def modality_gap_metrics(
         raise ValueError(f"need at least 2 pairs, got {len(image)}")
     x = F.normalize(image.double(), dim=-1)
     y = F.normalize(text.double(), dim=-1)
-    positive = (x * y).sum(-1)
-    n = len(x)
-    total = (x.sum(0) * y.sum(0)).sum()  # sum over all (i, j) of x_i·y_j
+    cheap = {name: value.item() for name, value in pair_statistics(x, y).items()}
     return {
-        "gap": (x.mean(0) - y.mean(0)).norm().item(),
-        "matched_cosine": positive.mean().item(),
-        "alignment": (x - y).pow(2).sum(-1).mean().item(),
-        "uniformity_image": uniformity(x),
-        "uniformity_text": uniformity(y),
+        "gap": cheap["gap"],
+        "matched_cosine": cheap["matched_cosine"],
+        "alignment": cheap["alignment"],
+        "uniformity_image": cheap["uniformity_image"],
+        "uniformity_text": cheap["uniformity_text"],
         "uniformity_cross": cross_uniformity(x, y),
         "cone_image": mean_pairwise_cosine(x),
         "cone_text": mean_pairwise_cosine(y),
         "separability": linear_separability(x, y, seed=seed, test_fraction=test_fraction),
         "effective_rank_image": effective_rank(x),
         "effective_rank_text": effective_rank(y),
-        "mean_positive_similarity": positive.mean().item(),
-        "mean_negative_similarity": ((total - positive.sum()) / (n * (n - 1))).item(),
+        "mean_positive_similarity": cheap["matched_cosine"],
+        "mean_negative_similarity": cheap["mean_negative_similarity"],
+    }
+
+
+def pair_statistics(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The metrics cheap enough to compute during training, on matched unit vectors x, y (N, D),
+    N >= 2: `gap`, `matched_cosine`, `alignment`, `uniformity_image`, `uniformity_text` and
+    `mean_negative_similarity`, as 0-dim tensors on x's device in x's dtype (no host sync)."""
+    positive = (x * y).sum(-1)
+    n = len(x)
+    total = (x.sum(0) * y.sum(0)).sum()  # sum over all (i, j) of x_i·y_j
+    return {
+        "gap": (x.mean(0) - y.mean(0)).norm(),
+        "matched_cosine": positive.mean(),
+        "alignment": (x - y).pow(2).sum(-1).mean(),
+        "uniformity_image": _uniformity(x),
+        "uniformity_text": _uniformity(y),
+        "mean_negative_similarity": (total - positive.sum()) / (n * (n - 1)),
     }
 
 
 def uniformity(z: torch.Tensor, t: float = UNIFORMITY_T) -> float:
     """log E_{i≠j} exp(−t‖z_i − z_j‖²) over distinct rows of unit vectors z (N, D)."""
+    return _uniformity(z, t).item()
+
+
+def _uniformity(z: torch.Tensor, t: float = UNIFORMITY_T) -> torch.Tensor:
     n = len(z)
-    lse = _pairwise_lse(z, z, t, skip_diagonal=True)
-    return lse - math.log(n * (n - 1))
+    return _pairwise_lse(z, z, t, skip_diagonal=True) - math.log(n * (n - 1))
 
 
 def cross_uniformity(x: torch.Tensor, y: torch.Tensor, t: float = UNIFORMITY_T) -> float:
     """log E_{i,j} exp(−t‖x_i − y_j‖²) over every pair of rows of two unit-vector sets."""
-    return _pairwise_lse(x, y, t, skip_diagonal=False) - math.log(len(x) * len(y))
+    return (_pairwise_lse(x, y, t, skip_diagonal=False) - math.log(len(x) * len(y))).item()
 
 
-def _pairwise_lse(a: torch.Tensor, b: torch.Tensor, t: float, *, skip_diagonal: bool) -> float:
-    """logsumexp of −t‖a_i − b_j‖² over all (i, j), in row chunks so memory stays O(chunk·N)."""
-    total = torch.tensor(-math.inf, dtype=torch.float64)
+def _pairwise_lse(a: torch.Tensor, b: torch.Tensor, t: float, *,
+                  skip_diagonal: bool) -> torch.Tensor:
+    """logsumexp of −t‖a_i − b_j‖² over all (i, j), in row chunks so memory stays O(chunk·N);
+    a 0-dim tensor on a's device."""
+    total = torch.full((), -math.inf, dtype=a.dtype, device=a.device)
     for start in range(0, len(a), _CHUNK):
         block = -t * (2.0 - 2.0 * a[start: start + _CHUNK] @ b.T).clamp_min(0.0)
         if skip_diagonal:
-            rows = torch.arange(len(block))
+            rows = torch.arange(len(block), device=a.device)
             block[rows, rows + start] = -math.inf
         total = torch.logaddexp(total, torch.logsumexp(block.flatten(), dim=0))
-    return total.item()
+    return total
 
 
 def mean_pairwise_cosine(z: torch.Tensor) -> float:

@@ -48,6 +48,10 @@ class ZeroShotOptions:
     """Replace the root's classnames.txt."""
     templates_file: str | None = None
     """Replace the root's prompt templates (e.g. eval/templates/imagenet_templates.txt)."""
+    gap_removal: bool = False
+    """Also score with the modality gap removed (`vlp.eval.gap_removal`, GR-CLIP): each metric
+    again as `<metric>_gap_removed`, the reference set being this benchmark's images and class
+    embeddings."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class RetrievalOptions:
     modality: bool = True
     """Also score intra-modal (text→text, image→image) and mixed-modality retrieval
     (`vlp.eval.modality_retrieval`)."""
+    gap_removal: bool = False
+    """Also score with the modality gap removed (`vlp.eval.gap_removal`, GR-CLIP): each metric
+    again as `<metric>_gap_removed`, the reference set being this benchmark's images and
+    captions."""
 
 
 @dataclass(frozen=True)
@@ -125,27 +133,53 @@ class Task:
 
 
 def _zeroshot(ctx: EvalContext, data: Path, o: ZeroShotOptions, plot_dir: Path) -> BenchmarkResult:
-    from vlp.eval.zeroshot import evaluate_zeroshot
+    from vlp.eval.gap_removal import ModalityMeans, side_by_side
+    from vlp.eval.zeroshot import embed_zeroshot_set
 
-    metrics = evaluate_zeroshot(ctx.model, ctx.tokenizer, ctx.preprocess, data, split=o.split,
-                                classnames_file=o.classnames_file,
-                                templates_file=o.templates_file, **ctx.common)
-    return BenchmarkResult(metrics)
+    embeddings = embed_zeroshot_set(ctx.model, ctx.tokenizer, ctx.preprocess, data,
+                                    split=o.split, classnames_file=o.classnames_file,
+                                    templates_file=o.templates_file, **ctx.common)
+    metrics = embeddings.predictions().metrics()
+    if not o.gap_removal:
+        return BenchmarkResult(metrics)
+    means = ModalityMeans.of(embeddings.image_features, embeddings.class_features)
+    centred = dataclasses.replace(
+        embeddings, image_features=means.centre_images(embeddings.image_features),
+        class_features=means.centre_texts(embeddings.class_features))
+    metrics, note = side_by_side(metrics, centred.predictions().metrics(), means,
+                                 headline="acc1")
+    return BenchmarkResult(metrics, notes=[note])
 
 
 def _retrieval(ctx: EvalContext, data: Path, o: RetrievalOptions, plot_dir: Path) -> BenchmarkResult:
+    from vlp.eval.gap_removal import ModalityMeans, side_by_side
     from vlp.eval.modality_retrieval import modality_retrieval_metrics
     from vlp.eval.retrieval import embed_retrieval_set, retrieval_metrics
 
     embeddings = embed_retrieval_set(ctx.model, ctx.tokenizer, ctx.preprocess, data,
                                      split=o.split, **ctx.common)
-    metrics = retrieval_metrics(embeddings, ks=tuple(o.ks))
+
+    def score(embeddings: Any) -> dict[str, float]:
+        metrics = retrieval_metrics(embeddings, ks=tuple(o.ks))
+        if o.modality:
+            metrics |= modality_retrieval_metrics(embeddings, embeddings.captions,
+                                                  ks=tuple(o.ks))
+        return metrics
+
+    metrics = score(embeddings)
     notes = ["image_retrieval_recall@k and text_retrieval_recall@k follow CLIP_benchmark"]
     if o.modality:
-        metrics |= modality_retrieval_metrics(embeddings, embeddings.captions, ks=tuple(o.ks))
         notes.append("text_to_text, image_to_image and mixed_* metrics: vlp's intra-modal and "
                      "mixed-modality retrieval (vlp.eval.modality_retrieval), no published "
                      "reference")
+    if o.gap_removal:
+        means = ModalityMeans.of(embeddings.image_features, embeddings.text_features)
+        centred = dataclasses.replace(
+            embeddings, image_features=means.centre_images(embeddings.image_features),
+            text_features=means.centre_texts(embeddings.text_features))
+        metrics, note = side_by_side(metrics, score(centred), means,
+                                     headline=TASKS["retrieval"].headline)
+        notes.append(note)
     return BenchmarkResult(metrics, notes=notes)
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlp.eval.benchmark_data import CLASSIFICATION, read_benchmark
-from vlp.eval.cache import active_cache
+from vlp.eval.cache import active_cache, tokenize
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -77,7 +77,7 @@ def encode_texts(
 
 def _encode_texts(model: DualEncoder, tokenizer: Tokenizer, texts: list[str], device: Device
                   ) -> torch.Tensor:
-    features = text_features(model, tokenizer(texts).to(device)).float()
+    features = text_features(model, tokenize(tokenizer, texts).to(device)).float()
     return F.normalize(features, dim=-1)
 
 
@@ -221,6 +221,45 @@ def predict_zeroshot(
     num_workers: int = 0,
 ) -> ZeroShotPredictions:
     """Zero-shot logits and targets for every sample of a classification benchmark root."""
+    embeddings = embed_zeroshot_set(
+        model, tokenizer, preprocess, root, device=device, batch_size=batch_size,
+        progress=progress, split=split, classnames_file=classnames_file,
+        templates_file=templates_file, num_workers=num_workers)
+    return embeddings.predictions()
+
+
+@dataclass(frozen=True)
+class ZeroShotEmbeddings:
+    """A classification benchmark's image embeddings and its zero-shot classifier."""
+
+    image_features: torch.Tensor
+    """(N, D) normalised image embeddings."""
+    class_features: torch.Tensor
+    """(C, D) normalised class embeddings (the mean of each class's prompts)."""
+    targets: torch.Tensor
+    """(N,) int64 class indices."""
+    classnames: list[str]
+
+    def predictions(self) -> ZeroShotPredictions:
+        logits = 100.0 * self.image_features @ self.class_features.T
+        return ZeroShotPredictions(logits, self.targets, self.classnames)
+
+
+def embed_zeroshot_set(
+    model: DualEncoder,
+    tokenizer: Tokenizer,
+    preprocess: Preprocess,
+    root: str | Path,
+    *,
+    device: Device = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+    split: str = "test",
+    classnames_file: str | Path | None = None,
+    templates_file: str | Path | None = None,
+    num_workers: int = 0,
+) -> ZeroShotEmbeddings:
+    """Embed every image of a classification benchmark root and build its classifier."""
     benchmark = read_benchmark(
         root, split=split, classnames_file=classnames_file, templates_file=templates_file
     )
@@ -244,8 +283,8 @@ def predict_zeroshot(
     features, targets = root_embeddings(model, preprocess, benchmark, device=device,
                                         batch_size=batch_size, num_workers=num_workers,
                                         progress=progress, desc="zero-shot images")
-    logits = 100.0 * features @ classifier.cpu()
-    return ZeroShotPredictions(logits, torch.tensor(targets, dtype=torch.long), classnames)
+    return ZeroShotEmbeddings(features, classifier.cpu().T, torch.tensor(targets, dtype=torch.long),
+                              classnames)
 
 
 def evaluate_zeroshot(

@@ -21,6 +21,8 @@ class DataSources:
     train_shards: str
     zeroshot_sets: dict[str, Path]
     """The zero-shot sets of the end-of-run evaluation when no `eval.suite` is given."""
+    binding_set: Path | None = None
+    """A SugarCrepe-format set whose binding subsets (`BINDING_SUBSETS`) join that evaluation."""
     shapesworld_root: Path | None = None
     """The generated ShapesWorld folder when training on it (eval suites reuse its sets)."""
 
@@ -35,7 +37,8 @@ class EvalSuites:
     periodic: Suite | None
     """`eval.suite`, run every `eval.every` steps (None: no evaluation during training)."""
     final: Suite | None
-    """Run once after the last step: `eval.suite`, else the zero-shot sets (None: nothing)."""
+    """Run once after the last step: `eval.suite`, else the zero-shot sets and the binding
+    subsets (None: nothing)."""
 
 
 def has_accelerator_device() -> bool:
@@ -74,14 +77,15 @@ def resolve_data(cfg: RunConfig, accelerator: Accelerator) -> DataSources:
     sets = {"zeroshot": root / "zeroshot", "zeroshot_heldout": root / "zeroshot_heldout"}
     if cfg.eval.zeroshot:
         sets = {"zeroshot": Path(cfg.eval.zeroshot)}
-    return DataSources(train_shards_spec(root), sets, shapesworld_root=root)
+    return DataSources(train_shards_spec(root), sets, binding_set=root / "sugarcrepe",
+                       shapesworld_root=root)
 
 
 def build_eval_suites(cfg: EvalConfig, data: DataSources, accelerator: Accelerator) -> EvalSuites:
     """Load and check the suites before the first step (a ShapesWorld suite reuses the
     training run's ShapesWorld folder)."""
     if cfg.suite is None:
-        return EvalSuites(None, zeroshot_suite(data.zeroshot_sets, batch_size=cfg.batch_size))
+        return EvalSuites(None, end_of_run_suite(data, batch_size=cfg.batch_size))
     paths = {"shapesworld": data.shapesworld_root} if data.shapesworld_root else None
     with accelerator.main_process_first():
         try:
@@ -92,13 +96,22 @@ def build_eval_suites(cfg: EvalConfig, data: DataSources, accelerator: Accelerat
     return EvalSuites(suite, suite)
 
 
-def zeroshot_suite(sets: dict[str, Path], *, batch_size: int) -> Suite | None:
-    """The end-of-run evaluation without `eval.suite`: one zero-shot benchmark per set."""
-    if not sets:
+# Does the model bind each colour to its own shape, and tell the relation's two sides apart?
+# Naming every object right is not enough for these: the negative has the same words.
+BINDING_SUBSETS = ("swap_att", "swap_obj", "replace_rel")
+
+
+def end_of_run_suite(data: DataSources, *, batch_size: int) -> Suite | None:
+    """The end-of-run evaluation without `eval.suite`: one zero-shot benchmark per set, and the
+    binding subsets of the compositional set (ShapesWorld's, a few seconds)."""
+    benchmarks = [{"name": name, "task": "zeroshot", "data": str(root)}
+                  for name, root in data.zeroshot_sets.items()]
+    if data.binding_set is not None:
+        benchmarks.append({"name": "sugarcrepe", "task": "sugarcrepe", "data": str(data.binding_set),
+                           "options": {"subsets": list(BINDING_SUBSETS)}})
+    if not benchmarks:
         return None
-    raw = {"name": "zeroshot", "batch_size": batch_size,
-           "benchmarks": [{"name": name, "task": "zeroshot", "data": str(root)}
-                          for name, root in sets.items()]}
+    raw = {"name": "end-of-run", "batch_size": batch_size, "benchmarks": benchmarks}
     try:
         return parse_suite(raw, where="eval.zeroshot", base_dir=Path.cwd(), progress=False)
     except ValueError as err:

@@ -107,18 +107,22 @@ def cached_backward(
     device: torch.device,
     backward: Callable[[Tensor], Any] = Tensor.backward,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    observe: Callable[[dict[str, Tensor]], Any] | None = None,
 ) -> dict[str, Tensor]:
     """Accumulate into `.grad` the gradients of `objective` on all `micro_batches` at once.
 
     `backward` is called once per micro-batch (`accelerator.backward` scales for fp16), the
     first n−1 times inside `no_sync()` (`accelerator.no_sync(model)`: DDP reduces once).
-    Returns the objective's terms (detached); no optimizer step.
+    Returns the objective's terms (detached); no optimizer step. `observe`, if given, is
+    called with the last micro-batch's output of the no-grad forward (training diagnostics).
     """
     rng_states, outputs = [], []
     with torch.no_grad(), _buffers_kept(model):
         for batch in micro_batches:
             rng_states.append(RngState.capture(device))
             outputs.append(_checked(forward(model, batch, device)))
+    if observe is not None:
+        observe(outputs[-1])
     cached = _concatenated(outputs)
     terms = objective(cached, _concatenated_batch(micro_batches))
     grads = dict(zip(cached, torch.autograd.grad(terms["loss"], list(cached.values()),

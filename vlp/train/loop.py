@@ -3,8 +3,9 @@
 `train(cfg)` checks the config against the registries, builds the run (`Trainer`), restores the
 latest checkpoint when asked, then runs steps until `train.steps`, logging, checkpointing and
 evaluating on the way, and finally runs the end-of-run evaluation and writes the run report.
-Host syncs: one per step (whether the update was finite), the rest only on log steps (metrics),
-on stop checks (every `STOP_CHECK_EVERY` steps) and on checkpoints.
+Host syncs: one per step (whether the update was finite), the rest only on log steps (metrics;
+every diagnostic step, `train.diagnostics_every`, is one), on stop checks (every
+`STOP_CHECK_EVERY` steps) and on checkpoints.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def run(cfg: RunConfig) -> RunResult:
             check_finite(cfg, state, int(result.failed))  # raises after too many in a row
             progress.update(1)
             last = state.step == cfg.train.steps
-            logging = state.step % cfg.train.log_every == 0 or last
+            logging = (state.step % cfg.train.log_every == 0 or last
+                       or result.diagnostics is not None)  # a diagnostic step logs them
             if logging:
                 metrics = trainer.log(result)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")

@@ -1,4 +1,4 @@
-"""Metric sinks and the loss-curve plot.
+"""Metric sinks, the loss-curve plot and the training-diagnostics plot.
 
 `JSONLTracker` is an accelerate tracker writing one JSON object per logged step to
 `metrics.jsonl`, so `accelerator.log` reaches it beside TensorBoard, W&B, ... A run killed
@@ -141,6 +141,34 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path) -> Path:
     if scale:
         ax_scale.plot(*zip(*scale, strict=True))
     ax_scale.set(xlabel="step", ylabel="exp(t)", title="logit scale")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
+
+
+DIAGNOSTIC_SERIES = {"gap": ("diag/gap",), "cosine": ("diag/pos_cosine", "diag/neg_cosine")}
+"""The diagnostics plot's panels and the metrics.jsonl keys each draws."""
+
+
+def plot_diagnostics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
+    """Plot the modality gap and the mean positive/negative cosine against step (the
+    `diag/*` records of `vlp.train.diagnostics`); None, and no file, when there are none."""
+    records = [r for r in read_metrics(metrics_path) if "diag/gap" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DIAGNOSTIC_SERIES), figsize=(10, 4))
+    for ax, (panel, keys) in zip(axes, DIAGNOSTIC_SERIES.items(), strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points, strict=True), marker=".", label=key.removeprefix("diag/"))
+        ax.set(xlabel="step", ylabel=panel, title=f"training {panel} (last micro-batch)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

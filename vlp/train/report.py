@@ -14,10 +14,11 @@ import torch
 from vlp.eval.report import write_report
 from vlp.eval.results import json_number, write_json
 from vlp.eval.runner import SuiteResult
-from vlp.train.metrics import plot_loss_curve, read_metrics
+from vlp.train.metrics import plot_diagnostics, plot_loss_curve, read_metrics
 from vlp.train.trainer import Trainer
 
 REPORT_FILE = "report.md"
+DIAGNOSTICS_PNG = "diagnostics.png"
 RESULTS_FILE = "results.json"
 
 
@@ -62,8 +63,10 @@ def write_run_report(run_dir: Path, final: SuiteResult | None) -> Path:
     `results.json` maps each benchmark to its metrics, plus `train`: the last step, samples
     seen and training samples skipped as unusable."""
     metrics = run_dir / "metrics.jsonl"
+    diagnostics_png = None
     if metrics.is_file():  # the jsonl tracker is on
         plot_loss_curve(metrics, run_dir / "loss_curve.png")
+        diagnostics_png = plot_diagnostics(metrics, run_dir / DIAGNOSTICS_PNG)
     report = run_dir / REPORT_FILE
     if final is not None:
         write_report(final, report)
@@ -78,6 +81,8 @@ def write_run_report(run_dir: Path, final: SuiteResult | None) -> Path:
     with report.open("a") as out:
         out.write("\n".join(["", "## Training", "", *evaluated, *_training_lines(records),
                              "![loss curve](loss_curve.png)", ""]))
+        if diagnostics_png is not None:
+            out.write("\n".join(["", *_diagnostics_lines(read_metrics(metrics)), ""]))
     training = {k: records[-1][k] for k in ("step", "samples_seen", "skipped_samples")
                 if records and k in records[-1]}
     write_json(run_dir / RESULTS_FILE, {**results, "train": training})  # NaN (acc5 < 5 classes): null
@@ -92,3 +97,15 @@ def _training_lines(records: list[dict]) -> list[str]:
             f"{first['loss']:.3f} (step {first['step']}) → {last['loss']:.3f}.", "",
             f"Skipped {last.get('skipped_samples', '?')} unusable training samples (each is "
             "logged with its shard and key; `vlp shards validate` lists them).", ""]
+
+
+def _diagnostics_lines(records: list[dict]) -> list[str]:
+    """The report's diagnostics section: the last diagnostic step's values and the plot."""
+    last = [r for r in records if "diag/gap" in r][-1]
+    values = ", ".join(f"{k.removeprefix('diag/')} {v:.3f}" for k, v in last.items()
+                       if k.startswith("diag/"))
+    return ["### Training diagnostics", "",
+            "Every `train.diagnostics_every` steps, from the features of the step's last "
+            "micro-batch on rank 0 (`vlp.train.diagnostics`; histograms in TensorBoard). "
+            f"Step {last['step']}: {values}.", "",
+            f"![training diagnostics]({DIAGNOSTICS_PNG})"]

@@ -17,7 +17,7 @@ a log step turns them into numbers (`vlp.train.trainer.Trainer.log`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from vlp.train.diagnostics import Diagnostics
 from vlp.train.fsdp import average_replicated_grads
 from vlp.train.grad_cache import cached_backward, forward
 
@@ -32,6 +33,8 @@ MAX_LOGIT_SCALE = math.log(100.0)
 """The temperature is clamped to exp(t) <= 100 after each update (CLIP)."""
 
 Batch = dict[str, Any]
+Observer = Callable[[dict[str, Any]], None]
+"""Called with the model output of a step's last micro-batch (diagnostic steps only)."""
 
 
 @dataclass
@@ -52,18 +55,24 @@ class StepResult:
     """Rows this rank trained on in this step."""
     skipped_samples: int
     """This rank's running count of corrupt samples its data streams skipped."""
+    diagnostics: Diagnostics | None = None
+    """On a diagnostic step, the diagnostics of this rank's last micro-batch (on the device)."""
 
 
 def accumulated_backward(accelerator: Accelerator, model: nn.Module, objective: nn.Module,
-                         micro_batches: Iterator[Batch], *, num_micro_batches: int
-                         ) -> dict[str, Tensor]:
+                         micro_batches: Iterator[Batch], *, num_micro_batches: int,
+                         observe: Observer | None = None) -> dict[str, Tensor]:
     """Plain accumulation: one backward per micro-batch (DDP reduces on the last one only,
-    accelerate divides each loss by the number of micro-batches). Returns the mean terms."""
+    accelerate divides each loss by the number of micro-batches). Returns the mean terms;
+    `observe` gets the last micro-batch's model output."""
     terms_sum: dict[str, Tensor] = {}
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         with accelerator.accumulate(model):
-            terms = objective(forward(model, batch, accelerator.device), batch)
+            output = forward(model, batch, accelerator.device)
+            terms = objective(output, batch)
             accelerator.backward(terms["loss"])
+        if observe is not None and i == num_micro_batches - 1:
+            observe(output)
         for name, value in terms.items():
             value = value.detach() / num_micro_batches
             terms_sum[name] = terms_sum[name] + value if name in terms_sum else value
@@ -71,8 +80,10 @@ def accumulated_backward(accelerator: Accelerator, model: nn.Module, objective: 
 
 
 def cached_step_backward(accelerator: Accelerator, model: nn.Module, objective: nn.Module,
-                         micro_batches: list[Batch]) -> dict[str, Tensor]:
-    """The gradient cache: all micro-batches form one contrastive batch (`train.grad_cache`).
+                         micro_batches: list[Batch], observe: Observer | None = None
+                         ) -> dict[str, Tensor]:
+    """The gradient cache: all micro-batches form one contrastive batch (`train.grad_cache`);
+    `observe` gets the last micro-batch's model output (of the first, no-grad forward).
 
     The accelerator must not rescale the loss for accumulation (`gradient_accumulation_steps=1`):
     the cached gradients are already the mean.
@@ -82,7 +93,7 @@ def cached_step_backward(accelerator: Accelerator, model: nn.Module, objective: 
                            "gradient_accumulation_steps=1")
     return cached_backward(model, objective, micro_batches, device=accelerator.device,
                            backward=accelerator.backward,
-                           no_sync=lambda: accelerator.no_sync(model))
+                           no_sync=lambda: accelerator.no_sync(model), observe=observe)
 
 
 def apply_update(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -29,6 +29,7 @@ from vlp.objectives import build_objectives
 from vlp.train.build import build_accelerator, build_eval_suites, resolve_data
 from vlp.train.checkpointing import restore_run_checkpoint, save_run_checkpoint
 from vlp.train.data_stream import build_batches, gather_data_position, rank_data_position
+from vlp.train.diagnostics import Diagnostics, diagnostics_due, log_histograms, step_diagnostics
 from vlp.train.fsdp import shard_model
 from vlp.train.nonfinite import good_to_save
 from vlp.train.optim import apply_optim_settings, build_optimizer, build_scheduler
@@ -110,12 +111,15 @@ class Trainer:
         self._step_samples = 0
         self._schedule_temperature()
         micro_batches = self._micro_batches()
+        diagnosed: list[Diagnostics] = []
+        observe = (lambda output: diagnosed.append(step_diagnostics(output))
+                   ) if diagnostics_due(train.diagnostics_every, self.state.step + 1) else None
         if train.grad_cache:  # the micro-batches form one contrastive batch
             terms = cached_step_backward(accelerator, self.model, self.objective,
-                                         list(micro_batches))
+                                         list(micro_batches), observe=observe)
         else:
             terms = accumulated_backward(accelerator, self.model, self.objective, micro_batches,
-                                         num_micro_batches=train.grad_accum)
+                                         num_micro_batches=train.grad_accum, observe=observe)
         grad_norm, skipped = apply_update(accelerator, self.model, self.optimizer,
                                           loss=terms["loss"], grad_clip=self.cfg.optim.grad_clip)
         failed = skipped and (accelerator.scaler is None
@@ -126,7 +130,7 @@ class Trainer:
         self.state.samples_seen += self._step_samples * accelerator.num_processes
         self._window_samples += self._step_samples
         return StepResult(terms, grad_norm, skipped, failed, self._step_samples,
-                          self._skipped_samples)
+                          self._skipped_samples, diagnosed[0] if diagnosed else None)
 
     def _schedule_temperature(self) -> None:
         """A fixed or scheduled temperature: logit_scale = log(1/τ(step)) for this step. A
@@ -148,8 +152,10 @@ class Trainer:
         """The step's metrics, read off the device (this is where a log step syncs), sent to
         the trackers and returned."""
         accelerator = self.accelerator
-        names = list(result.terms)
-        device_values = [*(result.terms[n] for n in names), result.grad_norm,
+        diagnostics = result.diagnostics or Diagnostics({})
+        names, diag_names = list(result.terms), list(diagnostics.scalars)
+        device_values = [*(result.terms[n] for n in names),
+                         *(diagnostics.scalars[n] for n in diag_names), result.grad_norm,
                          self.bundle.model.logit_scale.detach().exp()]
         values = torch.stack([_full(v).float() for v in device_values]).tolist()
         skipped_samples = torch.tensor(result.skipped_samples, device=accelerator.device)
@@ -162,8 +168,10 @@ class Trainer:
             "skipped_samples": int(skipped_samples), "lr": self.scheduler.get_last_lr()[0],
             "samples_seen": self.state.samples_seen, "skipped_steps": self.state.skipped_steps,
             "samples_per_s": self._window_samples * accelerator.num_processes / elapsed,
+            **dict(zip(diag_names, values[len(names):-2], strict=True)),
         }
         accelerator.log(metrics, step=self.state.step)
+        log_histograms(accelerator, diagnostics.histograms, step=self.state.step)
         self._window_start, self._window_samples = time.perf_counter(), 0
         return metrics
 
