@@ -79,6 +79,7 @@ def run(cfg: RunConfig) -> RunResult:
             if suites.periodic is not None and eval_due(cfg, state.step) and not last:
                 trainer.evaluate(suites.periodic)
     finally:
+        trainer.close_data()
         stop.uninstall()
         progress.close()
     if state.step < cfg.train.steps:

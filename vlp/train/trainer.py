@@ -203,6 +203,15 @@ class Trainer:
             self.accelerator.log(result.flat_metrics("eval"), step=step)
         return result
 
+    def close_data(self) -> None:
+        """Stop the data loader's workers now. They ignore SIGTERM (`vlp.stop_signals`), so the
+        interpreter's exit, which terminates leftover children with SIGTERM and then joins
+        them, would wait for them forever if the loader's iterator were still alive then."""
+        shutdown = getattr(self.batches, "_shutdown_workers", None)  # torch's worker iterator
+        if shutdown is not None:
+            shutdown()
+        self.batches = iter(())
+
     def num_parameters(self) -> tuple[int, int]:
         """(all, trainable) parameters of the model."""
         params = list(self.bundle.model.parameters())
