@@ -10,12 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from vlp.checkpoint import write_manifest
+from tests.checkpoints import write_random_checkpoint
 from vlp.cli import main
-from vlp.models import build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "eval" / "suites" / "shapesworld.yaml"
@@ -39,16 +36,7 @@ def vlp(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """What training writes, minus the optimizer: weights, model_config.json, manifest.json."""
-    torch.manual_seed(0)
-    model = build_model("vlp-tiny").model
-    folder = tmp_path_factory.mktemp("run") / "step-000000000"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              folder / "model.safetensors")
-    (folder / "model_config.json").write_text(json.dumps(
-        {"name": "vlp-tiny", "model_cfg": model_config("vlp-tiny"), "model_kwargs": {}}))
-    write_manifest(folder, step=0, milestone=False)
-    return folder
+    return write_random_checkpoint(tmp_path_factory.mktemp("run") / "step-000000000")
 
 
 @pytest.fixture(scope="module")

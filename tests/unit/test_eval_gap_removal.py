@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from vlp.checkpoint import write_manifest
+from tests.checkpoints import write_random_checkpoint
 from vlp.cli import main
 from vlp.config import SynthConfig
 from vlp.data.cache import prepare_shapesworld
 from vlp.eval.gap import pair_statistics
 from vlp.eval.gap_removal import GAP_MEANS_FILE, SUFFIX, ModalityMeans
-from vlp.models import build_model, model_config
+from vlp.models import model_config
 
 
 def offset_pairs(n: int = 400, d: int = 32, seed: int = 0):
@@ -55,16 +54,7 @@ def test_means_round_trip_through_their_json_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("vlp-tiny").model
-    folder = tmp_path_factory.mktemp("run") / "step-000000000"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              folder / "model.safetensors")
-    (folder / "model_config.json").write_text(json.dumps(
-        {"name": "vlp-tiny", "model_cfg": model_config("vlp-tiny"), "model_kwargs": {}}))
-    write_manifest(folder, step=0, milestone=False)
-    return folder
+    return write_random_checkpoint(tmp_path_factory.mktemp("run") / "step-000000000")
 
 
 @pytest.fixture(scope="module")
