@@ -33,6 +33,7 @@ TERMS = {
                                   "uniform_cross"},
     "shapesworld-tiny-dcl.yaml": {"clip"},
     "shapesworld-tiny-fixed-temp.yaml": {"clip"},
+    "shapesworld-tiny-flip.yaml": {"clip"},
 }
 
 
