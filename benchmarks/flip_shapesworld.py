@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -97,10 +98,11 @@ def measure_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
         order = args.ratios[shift:] + args.ratios[:shift]
         for ratio in order:
             wall, cpu = trainers[ratio].timed(args.warmup, args.steps)
+            load = os.getloadavg()[0]
             rows.append({"repeat": repeat, "ratio": ratio, "wall_s": wall, "cpu_s": cpu,
-                         "position": order.index(ratio)})
+                         "position": order.index(ratio), "load1": load})
             print(f"repeat {repeat} r={ratio}: {args.steps * args.batch_size / wall:.1f} "
-                  f"samples/s", flush=True)
+                  f"samples/s (1-min load {load:.1f})", flush=True)
     return rows
 
 
@@ -136,7 +138,8 @@ def train_accuracy(ratio: float, args: argparse.Namespace) -> dict[str, Any]:
                f"data.batch_size={args.batch_size}", f"data.cache_dir={args.cache_dir}",
                f"checkpoint.every={steps}", "checkpoint.keep_last=1", "checkpoint.resume=never",
                "train.trackers=[jsonl]"]
-    print(f"r={ratio}: {' '.join(command[2:])}", flush=True)
+    print(f"r={ratio}: {' '.join(command[2:])} (1-min load {os.getloadavg()[0]:.1f})",
+          flush=True)
     start = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
         code = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
