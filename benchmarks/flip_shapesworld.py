@@ -193,13 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{args.model} on ShapesWorld, batch {args.batch_size}, fp32, "
           f"{args.steps} timed steps after {args.warmup} per window, {args.repeats} repeats:\n")
     print(speed, flush=True)
-    runs = [train_accuracy(r, args) for r in args.accuracy_ratios] if args.accuracy_steps else []
+    results = args.out / "results.json"
+    results.write_text(json.dumps({"speed": rows, "accuracy": []}, indent=1))
+    runs = []
+    for ratio in args.accuracy_ratios if args.accuracy_steps else []:
+        runs.append(train_accuracy(ratio, args))
+        results.write_text(json.dumps({"speed": rows, "accuracy": runs}, indent=1))
     if runs:
         accuracy = accuracy_table(runs, steps=args.accuracy_steps, batch_size=args.batch_size)
         print(f"\nshapesworld-tiny-flip.yaml, {args.accuracy_steps} steps, seed 0:\n")
         print(accuracy)
-    (args.out / "results.json").write_text(json.dumps({"speed": rows, "accuracy": runs},
-                                                      indent=1))
     return 0
 
 

@@ -11,6 +11,7 @@ from open_clip.transformer import PatchDropout
 
 import vlp
 from vlp import checkpoint
+from vlp.cli import main
 from vlp.config import ConfigError, dump_config, load_config
 from vlp.models import build_model, model_spec
 from vlp.train.checks import check_config
@@ -90,6 +91,17 @@ def test_a_model_without_a_vit_image_tower_is_refused_in_one_line():
     assert "\n" not in message
     with pytest.raises(ValueError, match="model.patch_dropout"):
         build_model("vlp-tiny-rn", patch_dropout=0.5)
+
+
+@pytest.mark.parametrize("recipe, ratio", [("shapesworld-tiny-flip", "1.0"),
+                                            ("shapesworld-tiny", "0.5")])
+def test_vlp_train_stops_before_the_run_with_one_line(recipe, ratio, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", recipe, f"model.patch_dropout={ratio}", f"output_dir={run}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("vlp train: error: model.patch_dropout") and err.count("\n") == 1, err
+    assert not run.exists()
 
 
 def test_a_fully_locked_image_tower_is_refused_and_a_partly_locked_one_is_not():
