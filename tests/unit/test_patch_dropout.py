@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from open_clip.transformer import PatchDropout
@@ -13,6 +14,8 @@ import vlp
 from vlp import checkpoint
 from vlp.cli import main
 from vlp.config import ConfigError, dump_config, load_config
+from vlp.eval import load_model
+from vlp.export import export_checkpoint
 from vlp.models import build_model, model_spec
 from vlp.train.checks import check_config
 from vlp.train.grad_cache import RngState
@@ -111,27 +114,51 @@ def test_a_fully_locked_image_tower_is_refused_and_a_partly_locked_one_is_not():
     assert cfg.model.patch_dropout == 0.5
 
 
-def test_a_saved_checkpoint_loads_with_the_ratio_and_evaluates_on_every_patch(tmp_path, images):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """(the model in eval mode, its checkpoint), built and saved as training does from the
+    flip recipe."""
     cfg = load_config(FLIP)
     torch.manual_seed(0)
     bundle = build_model(cfg.model)
     ckpt = checkpoint.save_checkpoint(
-        tmp_path / "run", step=1, model=bundle.model,
+        tmp_path_factory.mktemp("run"), step=1, model=bundle.model,
         optimizer=torch.optim.AdamW(bundle.model.parameters()), trainer_state={},
         model_info=bundle.spec.model_info(), config_yaml=dump_config(cfg), keep_last=1,
         files=bundle.spec.checkpoint_files())
+    return bundle.model.eval(), ckpt
+
+
+def test_a_loaded_checkpoint_evaluates_on_every_patch_and_keeps_the_ratio(saved, images):
+    model, ckpt = saved
+    with torch.no_grad():
+        expected = model.encode_image(images, normalize=True)
 
     loaded, _, _ = vlp.load(ckpt)
+    for_eval = load_model(str(ckpt)).model  # what `vlp eval` runs
 
-    assert not loaded.training
-    assert tokens_seen(loaded.model, images) == PATCHES + 1
+    assert not loaded.training and not for_eval.training
+    assert tokens_seen(loaded.model, images) == tokens_seen(for_eval, images) == PATCHES + 1
     with torch.no_grad():
-        expected = bundle.model.eval().encode_image(images, normalize=True)
         assert torch.allclose(loaded.encode_image(images), expected, atol=1e-6)
     # the architecture and the run config both still carry the ratio
     assert loaded.spec.model_cfg["vision_cfg"]["patch_dropout"] == 0.5
     assert tokens_seen(loaded.model.train(), images) == PATCHES // 2 + 1
-    assert load_config(ckpt / "config.yaml").model == cfg.model
+    assert load_config(ckpt / "config.yaml").model == load_config(FLIP).model
+
+
+def test_the_open_clip_export_keeps_the_ratio_and_the_hf_export_is_allowed(saved, images,
+                                                                           tmp_path):
+    model, ckpt = saved
+    out = export_checkpoint(ckpt, tmp_path / "oc", format="open_clip")
+    exported = open_clip.create_model_and_transforms(f"local-dir:{out}")[0]
+    assert exported.visual.patch_dropout.prob == 0.5
+    assert tokens_seen(exported.train(), images) == PATCHES // 2 + 1
+    with torch.no_grad():
+        assert torch.allclose(exported.eval().encode_image(images, normalize=True),
+                              model.encode_image(images, normalize=True), atol=1e-6)
+    # a transformers CLIPModel has no patch dropout, and needs none for inference
+    assert (export_checkpoint(ckpt, tmp_path / "hf", format="hf") / "config.json").is_file()
 
 
 def test_the_gradient_cache_replays_the_same_patches(images):
