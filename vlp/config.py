@@ -76,8 +76,17 @@ class ModelConfig:
     """Freeze the text tower (a projection after `hf_text_model` still trains)."""
     lock_text_unlocked_layers: int = 0
     """With lock_text: leave this many top transformer layers trainable (0 = none)."""
+    patch_dropout: float = 0.0
+    """FLIP token dropping: the share of image patches a ViT image tower drops at random in each
+    training forward, in [0, 1) (FLIP: 0.5 or 0.75); 0 = off. open_clip's own patch dropout
+    (`vision_cfg.patch_dropout`): it keeps max(1, ⌊N·(1 − r)⌋) of N patches and the class token,
+    and is off in eval mode, so evaluation and loaded checkpoints see every patch."""
 
     def __post_init__(self) -> None:
+        check_number("model.patch_dropout", self.patch_dropout, 0, 1, hi_open=True)
+        if self.patch_dropout and self.lock_image and not self.lock_image_unlocked_groups:
+            raise ConfigError("model.patch_dropout has no effect with a fully locked image tower "
+                              "(model.lock_image: true keeps it in eval mode); set it to 0")
         if self.hf_text_pooler not in ("mean", "cls"):
             raise ConfigError(
                 f"model.hf_text_pooler must be mean or cls, got {self.hf_text_pooler!r}")

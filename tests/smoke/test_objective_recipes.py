@@ -1,4 +1,5 @@
-"""`vlp train` on each tiny objective recipe for 3 steps: it finishes and logs finite terms.
+"""`vlp train` on each tiny objective recipe (and the FLIP one) for 3 steps: it finishes and
+logs finite terms.
 
 Runs the real CLI entry point in-process (one import of torch/open_clip for all recipes) on a
 small ShapesWorld generated once into a module-wide cache. The end-of-run zero-shot report runs
@@ -33,6 +34,7 @@ TERMS = {
                                   "uniform_cross"},
     "shapesworld-tiny-dcl.yaml": {"clip"},
     "shapesworld-tiny-fixed-temp.yaml": {"clip"},
+    "shapesworld-tiny-flip.yaml": {"clip"},
 }
 
 

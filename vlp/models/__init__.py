@@ -136,6 +136,13 @@ def default_preprocess_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(cfg))  # tuples → lists, as they come back from JSON
 
 
+def is_vit(model_cfg: dict[str, Any]) -> bool:
+    """Whether the image tower of an architecture is open_clip's own VisionTransformer (not a
+    ModifiedResNet, whose `layers` is a list, nor a timm model)."""
+    vision = model_cfg.get("vision_cfg", {})
+    return isinstance(vision.get("layers", 12), int) and not vision.get("timm_model_name")
+
+
 def text_spec(name: str, model_cfg: dict[str, Any]) -> dict[str, Any]:
     """How `name`'s text is tokenized: CLIP's BPE (`clip_bpe`), a transformers tokenizer in a
     local folder (`hf`), or whatever open_clip picks by model name (`open_clip`: SigLIP, ...)."""
@@ -173,10 +180,18 @@ def model_spec(
     hf_text_model: str | None = None,
     hf_text_pooler: str = "mean",
     hf_text_proj: str = "none",
+    patch_dropout: float = 0.0,
 ) -> ModelSpec:
     """The spec of model `name`, its text tower replaced by the transformers encoder in
-    `hf_text_model` (a folder or `pkg:MODULE/SUBDIR`) if given."""
+    `hf_text_model` (a folder or `pkg:MODULE/SUBDIR`) if given, and its ViT image tower dropping
+    that share of patches in training (`patch_dropout` > 0: FLIP, open_clip's
+    `vision_cfg.patch_dropout`)."""
     model_cfg = copy.deepcopy(model_config(name))
+    if patch_dropout:
+        if not is_vit(model_cfg):
+            raise ValueError(f"model.patch_dropout: {name!r} has no ViT image tower (patch "
+                             "dropout drops ViT patch tokens); use a ViT, e.g. vlp-tiny, or 0")
+        model_cfg["vision_cfg"]["patch_dropout"] = patch_dropout
     text_tower = None
     if hf_text_model is not None:
         from vlp.models.hf_text import hf_text_cfg, resolve_folder
@@ -277,7 +292,8 @@ def build_model(cfg: ModelConfig | str, **fields: Any) -> ModelBundle:
         raise TypeError("build_model: give a ModelConfig or a name with keyword fields, not both")
     spec = model_spec(cfg.name, init_logit_scale=cfg.init_logit_scale,
                       init_logit_bias=cfg.init_logit_bias, hf_text_model=cfg.hf_text_model,
-                      hf_text_pooler=cfg.hf_text_pooler, hf_text_proj=cfg.hf_text_proj)
+                      hf_text_pooler=cfg.hf_text_pooler, hf_text_proj=cfg.hf_text_proj,
+                      patch_dropout=cfg.patch_dropout)
     pretrained = cfg.pretrained
     if pretrained is not None and not pretrained.startswith(HF_PREFIX) \
             and not Path(pretrained).exists():

@@ -44,10 +44,11 @@ def check_model(cfg: ModelConfig) -> set[str]:
         raise ConfigError(str(e)) from None
     if cfg.pretrained is not None:
         check_pretrained(cfg.pretrained)
-    if cfg.hf_text_model is not None:
+    if cfg.hf_text_model is not None or cfg.patch_dropout:
         try:
             model_spec(cfg.name, hf_text_model=cfg.hf_text_model,
-                       hf_text_pooler=cfg.hf_text_pooler, hf_text_proj=cfg.hf_text_proj)
+                       hf_text_pooler=cfg.hf_text_pooler, hf_text_proj=cfg.hf_text_proj,
+                       patch_dropout=cfg.patch_dropout)
         except (OSError, ValueError) as e:
             message = str(e)
             raise ConfigError(message if message.startswith("model.")
