@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vlp.config import ConfigError, ModelConfig, ObjectiveSpec, RunConfig, build_typed, load_config
 from vlp.distributed import BACKENDS
+from vlp.distributed.backends import RING_MULTI_POSITIVE
 from vlp.models import HF_PREFIX, model_config, model_spec
 from vlp.objectives import OBJECTIVES
 from vlp.train.grad_cache import CACHEABLE_OUTPUTS
@@ -33,6 +34,23 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.loss.backend not in BACKENDS and cfg.loss.backend != "auto":
         raise ConfigError(
             f"loss.backend: unknown {cfg.loss.backend!r}; known: auto, {', '.join(BACKENDS)}")
+    check_positives(cfg)
+
+
+def check_positives(cfg: RunConfig) -> None:
+    """Positive captions (`pos_text`) are read exactly when an objective uses them, and the
+    backend computes the multi-positive loss."""
+    readers = [s.name for s in cfg.objectives if "pos_text" in OBJECTIVES[s.name].requires]
+    if readers and cfg.data.captions != "all":
+        raise ConfigError(
+            f"objective {readers[0]!r} needs several positive captions per image (batch field "
+            "pos_text): set data.captions: all and data.num_positives")
+    if cfg.data.captions == "all" and not readers:
+        raise ConfigError(
+            "data.captions: all gives positive captions that no objective reads: add the "
+            "multipos objective, or use data.captions: sample (one caption per read)")
+    if readers and cfg.loss.backend == "ring":
+        raise ConfigError(f"loss.backend: {RING_MULTI_POSITIVE}")
 
 
 def check_model(cfg: ModelConfig) -> set[str]:
