@@ -35,6 +35,7 @@ TERMS = {
     "shapesworld-tiny-dcl.yaml": {"clip"},
     "shapesworld-tiny-fixed-temp.yaml": {"clip"},
     "shapesworld-tiny-flip.yaml": {"clip"},
+    "shapesworld-tiny-multipos.yaml": {"multipos"},
 }
 
 
