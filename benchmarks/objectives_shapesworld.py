@@ -13,6 +13,7 @@ Each objective trains the tiny model on ShapesWorld from its own tiny recipe, th
     siglip                recipes/shapesworld-tiny-siglip.yaml
     dcl                   recipes/shapesworld-tiny-dcl.yaml       (leave-one-out softmax)
     fixed_temp            recipes/shapesworld-tiny-fixed-temp.yaml (τ = 0.01, not learned)
+    multipos              recipes/shapesworld-tiny-multipos.yaml  (3 true captions per image)
 
 with only the number of steps, the batch size and the seed overridden, all alike (`vlp train`
 in a subprocess, checkpointing only the last step), and `model.name` too when `--model` is
@@ -69,6 +70,7 @@ RECIPES = {
     "siglip": REPO / "recipes" / "shapesworld-tiny-siglip.yaml",
     "dcl": REPO / "recipes" / "shapesworld-tiny-dcl.yaml",
     "fixed_temp": REPO / "recipes" / "shapesworld-tiny-fixed-temp.yaml",
+    "multipos": REPO / "recipes" / "shapesworld-tiny-multipos.yaml",
 }
 SUITE = REPO / "eval" / "suites" / "shapesworld.yaml"
 SUITE_BENCHMARKS = ("sugarcrepe", "gap")

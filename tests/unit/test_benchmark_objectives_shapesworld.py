@@ -91,7 +91,7 @@ def test_every_training_override_is_the_same_for_every_objective(bench, tmp_path
                                        model="vlp-tiny")
     assert with_model == [*overrides, "model.name=vlp-tiny"]
     assert set(bench.RECIPES) == {"clip", "siglip", "negclip", "clip+align_uniform", "dcl",
-                                  "fixed_temp"}
+                                  "fixed_temp", "multipos"}
     assert all(path.is_file() for path in bench.RECIPES.values())
 
 
