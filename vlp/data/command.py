@@ -1,4 +1,4 @@
-"""`vlp shards build | negatives | inspect | validate`: argument parsing and printing only; the
+"""`vlp shards build | negatives | rewrites | inspect | validate`: argument parsing and printing only; the
 work is in `vlp.data.shards_build` and `vlp.data.shard_inspect`."""
 
 from __future__ import annotations
@@ -58,6 +58,17 @@ def cmd_negatives(args: argparse.Namespace) -> int:
     totals = add_negatives(args.shards, args.out, num=args.num, seed=args.seed,
                            spacy_model=args.spacy, workers=args.workers, progress=not args.quiet)
     print(f"{totals['negatives']} hard negatives for {totals['with_negatives']} of "
+          f"{totals['samples']} samples in {totals['shards']} shards, written to {args.out}")
+    return 0
+
+
+@user_errors
+def cmd_rewrites(args: argparse.Namespace) -> int:
+    from vlp.data.shards_build import add_rewrites
+
+    totals = add_rewrites(args.shards, args.out, num=args.num, seed=args.seed,
+                          spacy_model=args.spacy, workers=args.workers, progress=not args.quiet)
+    print(f"{totals['rewrites']} rewrites for {totals['with_rewrites']} of "
           f"{totals['samples']} samples in {totals['shards']} shards, written to {args.out}")
     return 0
 
@@ -129,6 +140,22 @@ def add_shards_commands(shards_sub: argparse._SubParsersAction) -> None:
     negatives.add_argument("--workers", type=int, help="processes (default: one per core)")
     negatives.add_argument("--quiet", action="store_true", help="no progress bar")
     negatives.set_defaults(func=cmd_negatives)
+
+    rewrite = shards_sub.add_parser(
+        "rewrites", help="add rule-based rewrites of each caption (true captions) to its json",
+        description="Copy shards, adding `captions` (and `caption_kinds`) to each sample's json "
+        "(replacing any already there): other true captions of the image made by rules (an "
+        "adjective left out, two noun phrases joined by 'and' swapped, a spatial relation "
+        "inverted), for data.captions: sample | all. --spacy MODEL parses with an installed "
+        "spaCy pipeline instead.")
+    rewrite.add_argument("--shards", required=True, help="shard spec, e.g. d/{000..009}.tar")
+    rewrite.add_argument("--out", required=True, help="output folder (same shard names)")
+    rewrite.add_argument("--num", type=int, default=3, help="rewrites per caption (at most)")
+    rewrite.add_argument("--seed", type=int, default=0)
+    rewrite.add_argument("--spacy", metavar="MODEL", help="spaCy pipeline, e.g. en_core_web_sm")
+    rewrite.add_argument("--workers", type=int, help="processes (default: one per core)")
+    rewrite.add_argument("--quiet", action="store_true", help="no progress bar")
+    rewrite.set_defaults(func=cmd_rewrites)
 
     inspect = shards_sub.add_parser("inspect", help="count samples and show a few")
     inspect.add_argument("shards", help="shard spec")
