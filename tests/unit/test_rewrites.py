@@ -90,3 +90,16 @@ def test_rewrites_command(tmp_path, capsys):
     assert main(["shards", "rewrites", "--shards", str(tmp_path / "in.tar"), "--out",
                  str(tmp_path / "out"), "--num", "1", "--quiet"]) == 0
     assert "2 rewrites for 2 of 3 samples in 1 shards" in capsys.readouterr().out
+
+
+def test_validate_with_captions_reports_a_malformed_captions_field(tmp_path):
+    from vlp.data.shard_inspect import validate_shards
+
+    with wds.TarWriter(str(tmp_path / "a.tar")) as sink:
+        sink.write({"__key__": "good", "png": png_bytes(1), "txt": "a cat",
+                    "json": json.dumps({"captions": ["a small cat"]})})
+        sink.write({"__key__": "bad", "png": png_bytes(2), "txt": "a dog",
+                    "json": json.dumps({"captions": "a small dog"})})
+    assert validate_shards(str(tmp_path / "a.tar"))["num_corrupt"] == 0  # not read by default
+    report = validate_shards(str(tmp_path / "a.tar"), captions=True)
+    assert [(p["key"], p["reason"][:16]) for p in report["corrupt"]] == [("bad", "json 'captions' ")]

@@ -94,7 +94,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlp.data.shard_inspect import validate_shards
 
-    report = validate_shards(args.shards, num_negatives=args.num_negatives)
+    report = validate_shards(args.shards, num_negatives=args.num_negatives,
+                             captions=args.captions)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -169,5 +170,7 @@ def add_shards_commands(shards_sub: argparse._SubParsersAction) -> None:
     validate.add_argument("shards", help="shard spec")
     validate.add_argument("--num-negatives", type=int, default=0,
                           help="also require this many hard negatives per sample")
+    validate.add_argument("--captions", action="store_true",
+                          help="also check the json's extra true captions (data.captions)")
     validate.add_argument("--json", action="store_true", help="print one JSON report")
     validate.set_defaults(func=cmd_validate)
