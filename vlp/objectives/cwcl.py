@@ -15,7 +15,7 @@ as far apart as "a red circle" and "a blue triangle". With q the locked modality
     L_{q→p} = −1/B Σ_i Σ_j w_ij log softmax_j(s·q_i·p_j) / Σ_j w_ij
     loss    = (L_{p→q} + L_{q→p}) / 2
 
-`weight` (the `weight` option):
+`weight` (the `weighting` option; `weight` is every objective's own loss weight):
 - `shifted_cosine` (default): w_ij = (1 + cos(q_i, q_j)) / 2 ∈ [0, 1], w_ii = 1: the paper's
   form (as recalled: its weights are the locked modality's inner products, mapped to [0, 1]).
 - `clamped_cosine`: w_ij = max(cos(q_i, q_j), 0), w_ii = 1: only pairs the locked tower finds
@@ -65,7 +65,7 @@ WEIGHTS: dict[str, Callable[[Tensor], Tensor]] = {
     "shifted_cosine": shifted_cosine,
     "clamped_cosine": clamped_cosine,
 }
-"""`weight` values → the map from the locked modality's cosine similarity to a target weight."""
+"""`weighting` values → the map from the locked modality's cosine similarity to a target weight."""
 
 
 def _text_locked(model: Any) -> str | None:
@@ -96,16 +96,16 @@ class CwclObjective(nn.Module):
     class Config:
         weights_from: str = "text"
         """The locked modality whose intra-modal similarities give the targets: text | image."""
-        weight: str = "shifted_cosine"
+        weighting: str = "shifted_cosine"
         """shifted_cosine = (1 + cos) / 2 (the paper) | clamped_cosine = max(cos, 0)."""
 
         def __post_init__(self) -> None:
             if self.weights_from not in LOCKED:
                 raise ValueError(f"objective cwcl: weights_from must be one of "
                                  f"{', '.join(LOCKED)}, got {self.weights_from!r}")
-            if self.weight not in WEIGHTS:
-                raise ValueError(f"objective cwcl: weight must be one of {', '.join(WEIGHTS)}, "
-                                 f"got {self.weight!r}")
+            if self.weighting not in WEIGHTS:
+                raise ValueError(f"objective cwcl: weighting must be one of "
+                                 f"{', '.join(WEIGHTS)}, got {self.weighting!r}")
 
     requires: set[str] = set()
     requires_outputs: set[str] = set()
@@ -133,6 +133,6 @@ class CwclObjective(nn.Module):
             output["text_features"],
             output["logit_scale"],
             weight_features=output[f"{self.cfg.weights_from}_features"],
-            weight=WEIGHTS[self.cfg.weight],
+            weight=WEIGHTS[self.cfg.weighting],
         )
         return {"cwcl": loss}
