@@ -135,8 +135,9 @@ def test_no_gradient_flows_into_the_features_that_give_the_weights(backend):
 
 
 def test_the_ring_backend_is_refused_when_the_objective_is_built_naming_why():
-    with pytest.raises(ValueError, match=r"objective cwcl: the ring backend has no soft-target "
-                                         r"\(CWCL\) softmax.*use loss.backend: gather"):
+    with pytest.raises(ConfigError, match=r"objective cwcl: the ring backend has no soft-target "
+                                          r"\(CWCL\) softmax.*use loss.backend: gather.*auto "
+                                          r"picks ring on several processes"):
         build_objectives([ObjectiveSpec("cwcl")], backend=RingBackend())
     x = unit_rows(B, D, seed=7)
     with pytest.raises(ValueError, match="ring backend has no soft-target"):

@@ -35,7 +35,9 @@ are the locked tower's own embeddings only when nothing trainable sits between t
 and the loss, so the recipe check (`check_recipe`) refuses, with one line, a `weights_from`
 modality that is not fully locked, and a transformers text tower with a trainable projection
 (`model.hf_text_proj` other than none): the weights would then move with training. Backends:
-local and gather; ring refuses (its tiled backward has one positive per row), at build time.
+local and gather; ring refuses (its tiled backward has one positive per row): the recipe
+check refuses `loss.backend: ring`, and building the objective on a ring backend (`auto` on
+several processes) raises a one-line ConfigError.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlp.config import ConfigError
 from vlp.distributed.backends import RING_NO_SOFT_TARGETS
 from vlp.objectives.registry import register
 
@@ -122,8 +125,9 @@ class CwclObjective(nn.Module):
 
     def __init__(self, cfg: Config, *, backend: Any):
         super().__init__()
-        if backend.name == "ring":  # also 'auto' on several processes
-            raise ValueError(f"objective cwcl: {RING_NO_SOFT_TARGETS}")
+        if backend.name == "ring":  # a ConfigError: `vlp train` says it in one line
+            raise ConfigError(f"objective cwcl: {RING_NO_SOFT_TARGETS} (loss.backend auto "
+                              "picks ring on several processes)")
         self.cfg = cfg
         self.backend = backend
 
