@@ -28,6 +28,7 @@ def check_config(cfg: RunConfig) -> None:
     for i, spec in enumerate(cfg.objectives):
         check_objective(spec, f"objectives[{i}]", outputs=outputs,
                         num_negatives=cfg.data.num_negatives, model_name=cfg.model.name)
+        check_objective_recipe(spec, f"objectives[{i}]", cfg)
         if cfg.train.grad_cache:
             check_cacheable(spec, f"objectives[{i}]")
     if cfg.loss.backend not in BACKENDS and cfg.loss.backend != "auto":
@@ -90,6 +91,19 @@ def check_objective(spec: ObjectiveSpec, key: str, *, outputs: set[str], num_neg
             f"{key}: objective {spec.name!r} needs hard-negative captions (batch field "
             "neg_text): set data.num_negatives > 0 and use shards whose json has "
             "'neg_captions'")
+
+
+def check_objective_recipe(spec: ObjectiveSpec, key: str, cfg: RunConfig) -> None:
+    """The objective's own check of the rest of the recipe, if it has one (`check_recipe(its
+    Config, the RunConfig)` raising ValueError; e.g. cwcl needs a locked tower)."""
+    objective = OBJECTIVES[spec.name]
+    check = getattr(objective, "check_recipe", None)
+    if check is None:
+        return
+    try:
+        check(objective.Config(**spec.params), cfg)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def check_cacheable(spec: ObjectiveSpec, key: str) -> None:
