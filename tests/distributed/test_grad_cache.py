@@ -44,6 +44,7 @@ OBJECTIVES = {
     "clip": [ObjectiveSpec("clip")],
     "siglip": [ObjectiveSpec("siglip")],
     "negclip": [ObjectiveSpec("negclip")],
+    "cwcl": [ObjectiveSpec("cwcl")],  # weights from the (here trainable) text features
     "align_uniform": [ObjectiveSpec("clip"), ObjectiveSpec("align_uniform", weight=0.5)],
     "multipos": [ObjectiveSpec("multipos")],
 }

@@ -33,6 +33,7 @@ TERMS = {
     "shapesworld-tiny-gap.yaml": {"clip", "align", "uniform_image", "uniform_text",
                                   "uniform_cross"},
     "shapesworld-tiny-dcl.yaml": {"clip"},
+    "shapesworld-tiny-cwcl.yaml": {"cwcl"},
     "shapesworld-tiny-fixed-temp.yaml": {"clip"},
     "shapesworld-tiny-flip.yaml": {"clip"},
     "shapesworld-tiny-multipos.yaml": {"multipos"},

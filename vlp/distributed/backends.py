@@ -26,11 +26,18 @@ from vlp.distributed.dense_contrastive import (
     gather_clip_loss,
     gather_multipos_loss,
     gather_siglip_loss,
+    gather_weighted_clip_loss,
     local_clip_loss,
     local_multipos_loss,
     local_siglip_loss,
+    local_weighted_clip_loss,
 )
 from vlp.distributed.ring_contrastive import DEFAULT_TILE_SIZE, ring_clip_loss, ring_siglip_loss
+
+RING_NO_SOFT_TARGETS = (
+    "the ring backend has no soft-target (CWCL) softmax: its hand-written tiled backward knows "
+    "only one positive per row; use loss.backend: gather (or local on one process)")
+"""Why `RingBackend.weighted_softmax` refuses; objectives that need it refuse ring when built."""
 
 
 class ContrastiveBackend(Protocol):
@@ -63,6 +70,19 @@ class ContrastiveBackend(Protocol):
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
     ) -> Tensor:
         """SigLIP loss."""
+        ...
+
+    def weighted_softmax(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        *,
+        weight_features: Tensor,
+        weight: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        """Softmax with soft targets (CWCL): row i's target over columns j is w_ij / Σ_j w_ij,
+        w_ij = weight(f_i·f_j) of the detached, L2-normalised `weight_features` f (b, D')."""
         ...
 
 
@@ -107,6 +127,18 @@ class LocalBackend:
     ) -> Tensor:
         return local_siglip_loss(image_features, text_features, logit_scale, logit_bias)
 
+    def weighted_softmax(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        *,
+        weight_features: Tensor,
+        weight: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        return local_weighted_clip_loss(image_features, text_features, logit_scale,
+                                        weight_features=weight_features, weight=weight)
+
 
 @dataclass(frozen=True)
 class GatherBackend:
@@ -146,6 +178,19 @@ class GatherBackend:
         return gather_siglip_loss(
             image_features, text_features, logit_scale, logit_bias, group=self.group
         )
+
+    def weighted_softmax(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        *,
+        weight_features: Tensor,
+        weight: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        return gather_weighted_clip_loss(image_features, text_features, logit_scale,
+                                         weight_features=weight_features, weight=weight,
+                                         group=self.group)
 
 
 @dataclass(frozen=True)
@@ -192,6 +237,17 @@ class RingBackend:
             group=self.group,
             tile_size=self.tile_size,
         )
+
+    def weighted_softmax(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        *,
+        weight_features: Tensor,
+        weight: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        raise ValueError(RING_NO_SOFT_TARGETS)
 
 
 def _build_local(group: ProcessGroup | None, tile_size: int) -> ContrastiveBackend:

@@ -12,6 +12,10 @@ Losses on the global batch (the definitions every backend implements):
   same, but each row's positive is left out of its own denominator: per row, −s·x_i·y_i +
   logsumexp over the row's other columns (hard negatives stay in). Unlike InfoNCE it can be
   negative and is unbounded below.
+- weighted softmax (CWCL, Srinivasa et al. 2023): the softmax with soft targets. Given (B, B)
+  weights w (w_ij ≥ 0, w_ii > 0, symmetric), per row −Σ_j w_ij log softmax_j(logits_i) / Σ_j w_ij,
+  in both directions (image rows against text columns and text rows against image columns,
+  the same w), halved. With w = identity it is the softmax (CLIP) loss. No hard negatives.
 - multi-positive softmax (`multipos`; K positive captions per image, mask m marking the real
   ones): image->text: mean over the B images of −mean_{p∈P(i)} log softmax_i(p) over all the
   batch's real captions (the target mass spread uniformly over the image's own positives, the
@@ -25,6 +29,8 @@ The gather backend materialises (b, B) logits per rank: simple, but memory grows
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +41,7 @@ from vlp.distributed.shapes import (
     check_leave_one_out,
     check_local,
     check_same_on_every_rank,
+    check_weight_features,
     flat_negatives,
 )
 
@@ -70,6 +77,32 @@ def _leave_one_out_loss(logits: Tensor, labels: Tensor) -> Tensor:
     positive = logits[rows, labels]
     others = logits.index_put((rows, labels), logits.new_tensor(float("-inf")))
     return (torch.logsumexp(others, dim=1) - positive).mean()
+
+
+def weighted_rows_loss(
+    image_rows: Tensor,
+    text_rows: Tensor,
+    all_image: Tensor,
+    all_text: Tensor,
+    logit_scale: Tensor,
+    weights: Tensor,
+) -> Tensor:
+    """Soft-target softmax loss of b rows against all B columns, averaged over the b rows.
+
+    `weights` (b, B): row i's weight of every column (in both directions); each row is
+    normalised to sum to 1, so a row's loss is −Σ_j w_ij log softmax_j / Σ_j w_ij.
+    """
+    targets = weights / weights.sum(dim=1, keepdim=True)
+    logits_per_image = logit_scale * image_rows @ all_text.T  # (b, B)
+    logits_per_text = logit_scale * text_rows @ all_image.T  # (b, B)
+    return (F.cross_entropy(logits_per_image, targets)
+            + F.cross_entropy(logits_per_text, targets)) / 2
+
+
+def target_weights(rows: Tensor, columns: Tensor, weight: Callable[[Tensor], Tensor]) -> Tensor:
+    """weight(cos(rows_i, columns_j)) (b, B) from L2-normalised features, detached: no gradient
+    flows through the targets."""
+    return weight(rows.detach() @ columns.detach().T)
 
 
 def multipos_rows_loss(
@@ -148,9 +181,27 @@ def local_clip_loss(
     )
 
 
+def local_weighted_clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    weight_features: Tensor,
+    weight: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Weighted softmax (CWCL) loss of one process's batch: w_ij = weight(f_i·f_j) of the
+    L2-normalised `weight_features` f (b, D'), detached; no collectives."""
+    check_local(image_features, text_features, None, logit_scale)
+    check_weight_features(weight_features, image_features.shape[0])
+    weights = target_weights(weight_features, weight_features, weight)
+    return weighted_rows_loss(
+        image_features, text_features, image_features, text_features, logit_scale, weights
+    )
+
+
 def check_positives(image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor) -> None:
-    """Raise ValueError unless positives are (b, K, D) with a (b, K) bool mask and every image
-    has at least one real positive."""
+    """Raise ValueError unless positives are (b, K, D) with a (b, K) bool mask (whose first
+    column, the `txt` caption, the data pipeline always sets)."""
     b, d = image_features.shape
     if pos_text_features.dim() != 3 or pos_text_features.shape[::2] != (b, d):
         raise ValueError(f"pos_text_features has shape {tuple(pos_text_features.shape)}; "
@@ -216,6 +267,34 @@ def gather_clip_loss(
         all_neg_text=None if neg is None else all_gather_with_grad(neg, ring),
         offset=ring.rank * image_features.shape[0],
         leave_one_out=leave_one_out,
+    )
+    return _global_value(rank_loss, ring)
+
+
+def gather_weighted_clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    weight_features: Tensor,
+    weight: Callable[[Tensor], Tensor],
+    group: ProcessGroup | None = None,
+) -> Tensor:
+    """Weighted softmax (CWCL) loss on the global batch: this rank's rows against all columns;
+    the weights of its rows come from its `weight_features` and every rank's (gathered,
+    detached). Value and gradient semantics as `gather_clip_loss`."""
+    check_local(image_features, text_features, None, logit_scale)
+    check_weight_features(weight_features, image_features.shape[0])
+    ring = Ring.of(group)
+    check_same_on_every_rank(image_features, None, ring)
+    all_weight_features = all_gather_with_grad(weight_features.detach(), ring)
+    rank_loss = weighted_rows_loss(
+        image_features,
+        text_features,
+        all_gather_with_grad(image_features, ring),
+        all_gather_with_grad(text_features, ring),
+        logit_scale,
+        target_weights(weight_features, all_weight_features, weight),
     )
     return _global_value(rank_loss, ring)
 

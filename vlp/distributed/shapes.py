@@ -94,3 +94,12 @@ def check_leave_one_out(leave_one_out: bool, global_batch: int) -> None:
             f"the leave-one-out softmax (DCL / InfoLOOB) needs a global batch of at least 2 "
             f"pairs, got {global_batch}: a row without negatives has an empty denominator"
         )
+
+
+def check_weight_features(weight_features: Tensor, batch_size: int) -> None:
+    """The features that give soft-target weights (CWCL) are (b, D') rows, one per pair."""
+    if weight_features.dim() != 2 or weight_features.shape[0] != batch_size:
+        raise ValueError(
+            f"weight_features has shape {tuple(weight_features.shape)}; expected (b, D') with "
+            f"b = {batch_size}"
+        )

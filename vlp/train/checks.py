@@ -13,7 +13,6 @@ from pathlib import Path
 
 from vlp.config import ConfigError, ModelConfig, ObjectiveSpec, RunConfig, build_typed, load_config
 from vlp.distributed import BACKENDS
-from vlp.distributed.backends import RING_MULTI_POSITIVE
 from vlp.models import HF_PREFIX, model_config, model_spec
 from vlp.objectives import OBJECTIVES
 from vlp.train.grad_cache import CACHEABLE_OUTPUTS
@@ -29,6 +28,7 @@ def check_config(cfg: RunConfig) -> None:
     for i, spec in enumerate(cfg.objectives):
         check_objective(spec, f"objectives[{i}]", outputs=outputs,
                         num_negatives=cfg.data.num_negatives, model_name=cfg.model.name)
+        check_objective_recipe(spec, f"objectives[{i}]", cfg)
         if cfg.train.grad_cache:
             check_cacheable(spec, f"objectives[{i}]")
     if cfg.loss.backend not in BACKENDS and cfg.loss.backend != "auto":
@@ -38,19 +38,13 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def check_positives(cfg: RunConfig) -> None:
-    """Positive captions (`pos_text`) are read exactly when an objective uses them, and the
-    backend computes the multi-positive loss."""
-    readers = [s.name for s in cfg.objectives if "pos_text" in OBJECTIVES[s.name].requires]
-    if readers and cfg.data.captions != "all":
-        raise ConfigError(
-            f"objective {readers[0]!r} needs several positive captions per image (batch field "
-            "pos_text): set data.captions: all and data.num_positives")
-    if cfg.data.captions == "all" and not readers:
+    """Positive captions (`pos_text`) are not read for nothing (the objectives that need them
+    check the data gives them: `check_recipe`)."""
+    if cfg.data.captions == "all" and not any(
+            "pos_text" in OBJECTIVES[s.name].requires for s in cfg.objectives):
         raise ConfigError(
             "data.captions: all gives positive captions that no objective reads: add the "
             "multipos objective, or use data.captions: sample (one caption per read)")
-    if readers and cfg.loss.backend == "ring":
-        raise ConfigError(f"loss.backend: {RING_MULTI_POSITIVE}")
 
 
 def check_model(cfg: ModelConfig) -> set[str]:
@@ -108,6 +102,19 @@ def check_objective(spec: ObjectiveSpec, key: str, *, outputs: set[str], num_neg
             f"{key}: objective {spec.name!r} needs hard-negative captions (batch field "
             "neg_text): set data.num_negatives > 0 and use shards whose json has "
             "'neg_captions'")
+
+
+def check_objective_recipe(spec: ObjectiveSpec, key: str, cfg: RunConfig) -> None:
+    """The objective's own check of the rest of the recipe, if it has one (`check_recipe(its
+    Config, the RunConfig)` raising ValueError; e.g. cwcl needs a locked tower)."""
+    objective = OBJECTIVES[spec.name]
+    check = getattr(objective, "check_recipe", None)
+    if check is None:
+        return
+    try:
+        check(objective.Config(**spec.params), cfg)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def check_cacheable(spec: ObjectiveSpec, key: str) -> None:
