@@ -200,6 +200,10 @@ class DataConfig:
         if self.captions == "all" and self.num_positives < 1:
             raise ConfigError("data.captions: all needs data.num_positives >= 1 (positives per "
                               f"image), got {self.num_positives}")
+        if self.captions != "first" and self.hf is not None:
+            raise ConfigError(f"data.captions: {self.captions} reads the extra captions of the "
+                              "shards' json (`captions`); a Hugging Face dataset (data.hf) has "
+                              "none: use data.captions: first")
         if self.captions != "all" and self.num_positives:
             raise ConfigError("data.num_positives is used with data.captions: all only, got "
                               f"captions {self.captions!r}")

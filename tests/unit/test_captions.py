@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.unit.test_pipeline import good, raw, write_shard
-from vlp.config import ConfigError, DataConfig
+from vlp.config import ConfigError, DataConfig, HFDataConfig
 from vlp.data.captions import CAPTION_MODES, choose_positives, extra_captions
 from vlp.data.limits import SampleLimits
 from vlp.data.pipeline import build_train_loader, decode_sample
@@ -137,6 +137,8 @@ def test_sample_mode_draws_differ_between_reads_and_replay_from_the_seed(tmp_pat
     ({"captions": "some"}, "data.captions must be one of first, sample, all"),
     ({"captions": "all"}, "needs data.num_positives >= 1"),
     ({"captions": "sample", "num_positives": 3}, "used with data.captions: all only"),
+    ({"captions": "sample", "hf": HFDataConfig(path="/data/pairs")},
+     "a Hugging Face dataset .* has none"),
 ])
 def test_data_config_validates_captions(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -149,3 +151,13 @@ def test_every_caption_mode_is_accepted_by_the_config():
     assert DataConfig().captions == "first"
 
 
+
+
+def test_the_main_recipe_reads_txt_only_unless_told_and_takes_sample_with_clip():
+    from pathlib import Path
+
+    from vlp.train.checks import load_run_config
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld-tiny.yaml"
+    assert load_run_config(recipe).data.captions == "first"
+    assert load_run_config(recipe, ["data.captions=sample"]).data.captions == "sample"
