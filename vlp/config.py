@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from vlp.data.captions import CAPTION_MODES
 from vlp.data.limits import SampleLimits
 from vlp.temperature import MIN_TEMPERATURE, SCHEDULES, temperature_at
 
@@ -170,6 +171,12 @@ class DataConfig:
     """Samples held in the shuffle buffer of each worker (0 = no shuffling)."""
     num_negatives: int = 0
     """Hard-negative captions per sample (from the json's `neg_captions`); needed by negclip."""
+    captions: str = "first"
+    """Which true captions a sample gives (its `txt`, plus its json's `captions: [...]`):
+    first (txt only) | sample (one of them per read, uniformly: LaCLIP) | all (K =
+    num_positives per image as `pos_text`, for the multipos objective)."""
+    num_positives: int = 0
+    """K, the positives per image with captions: all (txt first; fewer are padded and masked)."""
     max_caption_chars: int = SampleLimits.max_caption_chars
     """Longer captions are skipped (and counted) as bad samples."""
     max_image_pixels: int = SampleLimits.max_image_pixels
@@ -187,6 +194,19 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.num_negatives < 0:
             raise ConfigError(f"data.num_negatives must be >= 0, got {self.num_negatives}")
+        if self.captions not in CAPTION_MODES:
+            raise ConfigError(f"data.captions must be one of {', '.join(CAPTION_MODES)}, got "
+                              f"{self.captions!r}")
+        if self.captions == "all" and self.num_positives < 1:
+            raise ConfigError("data.captions: all needs data.num_positives >= 1 (positives per "
+                              f"image), got {self.num_positives}")
+        if self.captions != "first" and self.hf is not None:
+            raise ConfigError(f"data.captions: {self.captions} reads the extra captions of the "
+                              "shards' json (`captions`); a Hugging Face dataset (data.hf) has "
+                              "none: use data.captions: first")
+        if self.captions != "all" and self.num_positives:
+            raise ConfigError("data.num_positives is used with data.captions: all only, got "
+                              f"captions {self.captions!r}")
         if self.mode not in DATA_MODES:
             raise ConfigError(f"data.mode must be one of {', '.join(DATA_MODES)}, got "
                               f"{self.mode!r}")

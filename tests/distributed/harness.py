@@ -218,6 +218,45 @@ def backend_choice_job(rank: int, world_size: int) -> dict[str, str]:
     return {"auto": build_backend("auto").name, "local_error": local}
 
 
+MULTIPOS_BATCH, MULTIPOS_POSITIVES = 5, 3
+
+
+def multipos_inputs(world_size: int) -> dict[str, Tensor]:
+    """A float64 global batch for the multi-positive loss: images (B, D), positives (B, K, D)
+    and a mask with 1..K real positives per image, identical on every rank."""
+    generator = torch.Generator().manual_seed(11)
+    batch = MULTIPOS_BATCH * world_size
+    counts = torch.arange(batch) % MULTIPOS_POSITIVES + 1
+    return {
+        "image": torch.randn(batch, FEATURE_DIM, generator=generator, dtype=torch.float64),
+        "pos": torch.randn(batch, MULTIPOS_POSITIVES, FEATURE_DIM, generator=generator,
+                           dtype=torch.float64),
+        "mask": torch.arange(MULTIPOS_POSITIVES)[None, :] < counts[:, None],
+        "log_scale": torch.tensor(2.5, dtype=torch.float64),
+    }
+
+
+def multipos_loss(backend: Any, leaves: dict[str, Tensor], rows: slice) -> Tensor:
+    return backend.multi_positive(F.normalize(leaves["image"][rows], dim=-1),
+                                  F.normalize(leaves["pos"][rows], dim=-1),
+                                  leaves["mask"][rows], leaves["log_scale"].exp())
+
+
+def multipos_job(rank: int, world_size: int, backend: str) -> dict[str, Tensor]:
+    """This rank's multi-positive loss and DDP-averaged gradients of the global leaves."""
+    inputs = multipos_inputs(world_size)
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+    rows = slice(rank * MULTIPOS_BATCH, (rank + 1) * MULTIPOS_BATCH)
+    loss = multipos_loss(build_backend(backend), leaves, rows)
+    loss.backward()
+    return {"loss": loss.detach()} | {f"grad_{k}": _ddp_mean(v.grad)
+                                      for k, v in leaves.items() if v.grad is not None}
+
+
+def multipos_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:
+    return {"multipos/gather": (multipos_job, {"backend": "gather"})}
+
+
 def world_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:
     jobs: dict[str, tuple[Callable, dict]] = {
         f"grad/{case.key}": (gradient_job, {"case": case}) for case in all_cases(world_size)
@@ -237,7 +276,8 @@ def world_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:
     return jobs
 
 
-def _rank_main(rank: int, world_size: int, store_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, store_dir: str,
+               jobs_of: Callable[[int], dict[str, tuple[Callable, dict]]] = world_jobs) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size
@@ -245,7 +285,7 @@ def _rank_main(rank: int, world_size: int, store_dir: str) -> None:
     try:
         results = {
             name: job(rank, world_size, **kwargs)
-            for name, (job, kwargs) in world_jobs(world_size).items()
+            for name, (job, kwargs) in jobs_of(world_size).items()
         }
     finally:
         dist.destroy_process_group()
@@ -255,9 +295,17 @@ def _rank_main(rank: int, world_size: int, store_dir: str) -> None:
 @functools.cache
 def world_results(world_size: int) -> list[dict[str, Any]]:
     """Every job's result on every rank of one spawned gloo group of `world_size` processes."""
+    return spawned_results(world_size, world_jobs)
+
+
+def spawned_results(world_size: int, jobs_of: Callable[[int], dict[str, tuple[Callable, dict]]]
+                    ) -> list[dict[str, Any]]:
+    """The results of `jobs_of(world_size)` (a module-level function) on every rank of one
+    spawned gloo group."""
     with tempfile.TemporaryDirectory() as store_dir:
         mp.start_processes(
-            _rank_main, args=(world_size, store_dir), nprocs=world_size, start_method="spawn"
+            _rank_main, args=(world_size, store_dir, jobs_of), nprocs=world_size,
+            start_method="spawn"
         )
         return [
             torch.load(os.path.join(store_dir, f"rank{r}.pt"), weights_only=False)

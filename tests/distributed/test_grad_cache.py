@@ -39,14 +39,17 @@ from vlp.train.checks import check_config
 from vlp.train.grad_cache import cached_backward
 
 NUM_MICRO, MICRO, WORLD = 4, 6, 2
-VOCAB, CONTEXT, NUM_NEGATIVES, DIM = 40, 5, 2, 16
+VOCAB, CONTEXT, NUM_NEGATIVES, NUM_POSITIVES, DIM = 40, 5, 2, 3, 16
 OBJECTIVES = {
     "clip": [ObjectiveSpec("clip")],
     "siglip": [ObjectiveSpec("siglip")],
     "negclip": [ObjectiveSpec("negclip")],
     "cwcl": [ObjectiveSpec("cwcl")],  # weights from the (here trainable) text features
     "align_uniform": [ObjectiveSpec("clip"), ObjectiveSpec("align_uniform", weight=0.5)],
+    "multipos": [ObjectiveSpec("multipos")],
 }
+CAPTION_FIELDS = {"negclip": ("neg_text",), "multipos": ("pos_text", "pos_mask")}
+"""The extra caption fields of the batch each objective reads (the others leave them out)."""
 TOLERANCE = 1e-10
 
 
@@ -67,14 +70,15 @@ class TinyDualEncoder(nn.Module):
     def encode_text(self, text: Tensor) -> Tensor:
         return F.normalize(self.text_tower(self.token_embedding(text).mean(1)), dim=-1)
 
-    def forward(self, image: Tensor, text: Tensor, neg_text: Tensor | None = None) -> dict:
+    def forward(self, image: Tensor, text: Tensor, neg_text: Tensor | None = None,
+                pos_text: Tensor | None = None) -> dict:
         output = {"image_features": F.normalize(self.image_tower(image), dim=-1),
                   "text_features": self.encode_text(text),
                   "logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
-        if neg_text is not None:
-            b, k, length = neg_text.shape
-            output["neg_text_features"] = self.encode_text(
-                neg_text.reshape(b * k, length)).reshape(b, k, -1)
+        for name, captions in (("neg_text_features", neg_text), ("pos_text_features", pos_text)):
+            if captions is not None:
+                b, k, length = captions.shape
+                output[name] = self.encode_text(captions.reshape(b * k, length)).reshape(b, k, -1)
         return output
 
 
@@ -89,6 +93,9 @@ def make_batch(num_rows: int) -> dict[str, Any]:
         "image": torch.randn(num_rows, 3, 4, 4, generator=g, dtype=torch.float64),
         "text": torch.randint(VOCAB, (num_rows, CONTEXT), generator=g),
         "neg_text": torch.randint(VOCAB, (num_rows, NUM_NEGATIVES, CONTEXT), generator=g),
+        "pos_text": torch.randint(VOCAB, (num_rows, NUM_POSITIVES, CONTEXT), generator=g),
+        "pos_mask": torch.arange(NUM_POSITIVES)[None, :] < (
+            torch.arange(num_rows) % NUM_POSITIVES + 1)[:, None],  # 1..K real positives
         "key": [f"{i:04d}" for i in range(num_rows)],
     }
 
@@ -112,16 +119,22 @@ def plain_step(objective_name: str, batch: dict[str, Any]) -> tuple[dict[str, Te
     """Gradients and loss of one plain step on `batch` in one process."""
     model = make_model()
     objective = build_objectives(OBJECTIVES[objective_name], backend=build_backend("local"))
-    neg_text = batch["neg_text"] if objective_name == "negclip" else None
-    loss = objective(model(batch["image"], batch["text"], neg_text), batch)["loss"]
+    batch = for_objective(objective_name, batch)
+    captions = {k: batch[k] for k in ("neg_text", "pos_text") if k in batch}
+    loss = objective(model(batch["image"], batch["text"], **captions), batch)["loss"]
     loss.backward()
     return gradients(model), loss.detach()
 
 
+def for_objective(objective_name: str, batch: dict[str, Any]) -> dict[str, Any]:
+    """`batch` without the caption fields the objective does not read."""
+    unread = {f for fields in CAPTION_FIELDS.values() for f in fields} - set(
+        CAPTION_FIELDS.get(objective_name, ()))
+    return {k: v for k, v in batch.items() if k not in unread}
+
+
 def micro_batches_for(objective_name: str, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    if objective_name != "negclip":
-        batch = {k: v for k, v in batch.items() if k != "neg_text"}
-    return split(batch, NUM_MICRO)
+    return split(for_objective(objective_name, batch), NUM_MICRO)
 
 
 def assert_same_gradients(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> None:

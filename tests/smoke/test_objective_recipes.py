@@ -36,6 +36,7 @@ TERMS = {
     "shapesworld-tiny-cwcl.yaml": {"cwcl"},
     "shapesworld-tiny-fixed-temp.yaml": {"clip"},
     "shapesworld-tiny-flip.yaml": {"clip"},
+    "shapesworld-tiny-multipos.yaml": {"multipos"},
 }
 
 

@@ -91,7 +91,7 @@ def test_every_training_override_is_the_same_for_every_objective(bench, tmp_path
                                        model="vlp-tiny")
     assert with_model == [*overrides, "model.name=vlp-tiny"]
     assert set(bench.RECIPES) == {"clip", "siglip", "negclip", "clip+align_uniform", "dcl",
-                                  "fixed_temp", "lit", "cwcl"}
+                                  "fixed_temp", "lit", "cwcl", "multipos"}
     assert bench.parse_args([]).objectives == ["clip", "negclip", "clip+align_uniform", "siglip",
                                                "dcl", "fixed_temp"]
     assert bench.parse_args(["--objectives", "lit", "cwcl"]).objectives == ["lit", "cwcl"]

@@ -218,19 +218,27 @@ def tiny_coca():
 
 @pytest.fixture(scope="module")
 def tiny_step(tiny_coca):
-    """A real batch for the tiny CoCa: every output any objective reads (bias, logits, negatives)."""
+    """A real batch for the tiny CoCa: every output any objective reads (bias, logits, negatives,
+    positives: the first of each image's two is its caption, the second padding for one image)."""
     tokenizer = tiny_coca.tokenizer
     captions = ["a red square", "a small blue circle left of a green triangle",
                 "a big yellow star", "a purple square above a red circle"]
     negatives = [["a blue square", "a red circle"]] * len(captions)
+    positives = [[c, "a shape"] for c in captions]
     return {"image": torch.randn(len(captions), 3, 64, 64), "text": tokenizer(captions),
-            "neg_text": torch.stack([tokenizer(n) for n in negatives]), "key": list("abcd")}
+            "neg_text": torch.stack([tokenizer(n) for n in negatives]),
+            "pos_text": torch.stack([tokenizer(p) for p in positives]),
+            "pos_mask": torch.tensor([[True, True]] * 3 + [[True, False]]), "key": list("abcd")}
+
+
+def step_output(model, step):
+    return model(step["image"], step["text"], step["neg_text"], pos_text=step["pos_text"])
 
 
 def test_objective_term_names_are_unique_across_objectives(tiny_coca, tiny_step):
     model = DualEncoder(tiny_coca.model)
     with torch.no_grad():
-        output = model(tiny_step["image"], tiny_step["text"], tiny_step["neg_text"])
+        output = step_output(model, tiny_step)
     seen: dict[str, str] = {}
     for name in OBJECTIVES:
         params = {"cross_uniform_weight": 1.0} if name == "align_uniform" else {}
@@ -242,13 +250,13 @@ def test_objective_term_names_are_unique_across_objectives(tiny_coca, tiny_step)
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_objective_trains_a_tiny_model_one_step(name, tiny_coca, tiny_step):
     cls = OBJECTIVES[name]
-    assert cls.requires <= {"neg_text", "neg_image"}
+    assert cls.requires <= {"neg_text", "neg_image", "pos_text"}
     assert getattr(cls, "requires_outputs", set()) <= {"logit_bias", "logits"}
     cls.Config()  # every parameter has a default
 
     model = DualEncoder(tiny_coca.model)
     model.zero_grad()
-    output = model(tiny_step["image"], tiny_step["text"], tiny_step["neg_text"])
+    output = step_output(model, tiny_step)
     terms = objective(name)(output, tiny_step)
     assert len(terms) >= 2  # at least one named term, plus "loss"
     for term, value in terms.items():

@@ -31,6 +31,7 @@ from vlp.data.shapesworld import (
     render_image,
     sample_rng,
     sample_scene,
+    train_negatives,
 )
 from vlp.data.shapesworld_writer import SUGARCREPE_SUBSETS, write_shapesworld
 
@@ -65,6 +66,32 @@ def test_train_captions_describe_their_scene():
     for index in range(NUM_SAMPLES):
         sample = make_train_sample(index, seed=0)
         assert describes(sample.scene, sample.caption), sample.caption
+
+
+def test_train_samples_carry_two_to_four_other_true_captions():
+    counts = Counter()
+    for index in range(NUM_SAMPLES):
+        sample = make_train_sample(index, seed=0)
+        assert 2 <= len(sample.captions) <= 4, sample.captions
+        assert len(set(sample.captions)) == len(sample.captions)
+        assert sample.caption not in sample.captions
+        for text in sample.captions:
+            assert describes(sample.scene, text), text
+        counts[len(sample.captions)] += 1
+    assert set(counts) == {2, 3, 4}
+
+
+def test_other_captions_leave_scene_caption_and_negatives_as_before():
+    """The version-2 sample (scene, caption, negatives from the `train` stream alone) is
+    unchanged: the paraphrases come from their own RNG stream."""
+    for index in range(50):
+        rng = sample_rng(0, "train", index)
+        scene = sample_scene(rng, num_objects=1 + (rng.random() < 0.5), image_size=64)
+        caption = describe(scene, rng)
+        negatives = train_negatives(scene, caption, rng)
+        sample = make_train_sample(index, seed=0)
+        assert (sample.scene, sample.caption) == (scene, caption.render())
+        assert list(sample.neg_captions) == [text for _, text in negatives]
 
 
 def test_hard_negatives_never_describe_their_scene():
@@ -276,6 +303,8 @@ def test_train_shards_read_back_with_plain_webdataset(world):
         scene = Scene.from_json(meta)
         assert describes(scene, sample["txt"])
         assert not any(describes(scene, n) for n in meta["neg_captions"])
+        assert 2 <= len(meta["captions"]) <= 4
+        assert all(describes(scene, c) for c in meta["captions"])
         sizes[len(meta["objects"])] += 1
     assert sizes[1] > 0.3 * len(samples) and sizes[2] > 0.3 * len(samples)
 
@@ -358,3 +387,14 @@ def test_describe_is_deterministic_for_a_seeded_rng():
     scene = sample_scene(sample_rng(3, "test", 8), num_objects=2)
     first = describe(scene, sample_rng(3, "test", 9)).render()
     assert first == describe(scene, sample_rng(3, "test", 9)).render()
+
+
+def test_a_cache_of_another_generator_format_is_not_reused(monkeypatch, tmp_path):
+    """Caches are keyed on SHAPESWORLD_FORMAT (3 added the training `captions`): a set made
+    by an earlier format sits in another folder and is regenerated, not read."""
+    from vlp.data import cache
+
+    params = {"seed": 0, "num_train": 10}
+    current = cache.shapesworld_dir(tmp_path, params)
+    monkeypatch.setattr(cache, "SHAPESWORLD_FORMAT", cache.SHAPESWORLD_FORMAT - 1)
+    assert cache.shapesworld_dir(tmp_path, params) != current

@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SHAPESWORLD_FORMAT = 2
-"""Bump when the generator's output changes, so stale caches are not reused."""
+SHAPESWORLD_FORMAT = 3
+"""Bump when the generator's output changes, so stale caches are not reused (3: training
+samples' json carries `captions`)."""
 
 
 def shapesworld_dir(cache_dir: str | Path, params: dict[str, Any]) -> Path:

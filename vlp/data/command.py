@@ -1,4 +1,4 @@
-"""`vlp shards build | negatives | inspect | validate`: argument parsing and printing only; the
+"""`vlp shards build | negatives | rewrites | inspect | validate`: argument parsing and printing only; the
 work is in `vlp.data.shards_build` and `vlp.data.shard_inspect`."""
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def cmd_negatives(args: argparse.Namespace) -> int:
 
 
 @user_errors
+def cmd_rewrites(args: argparse.Namespace) -> int:
+    from vlp.data.shards_build import add_rewrites
+
+    totals = add_rewrites(args.shards, args.out, num=args.num, seed=args.seed,
+                          spacy_model=args.spacy, workers=args.workers, progress=not args.quiet)
+    print(f"{totals['rewrites']} rewrites for {totals['with_rewrites']} of "
+          f"{totals['samples']} samples in {totals['shards']} shards, written to {args.out}")
+    return 0
+
+
+@user_errors
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vlp.data.shard_inspect import inspect_shards
 
@@ -83,7 +94,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlp.data.shard_inspect import validate_shards
 
-    report = validate_shards(args.shards, num_negatives=args.num_negatives)
+    report = validate_shards(args.shards, num_negatives=args.num_negatives,
+                             captions=args.captions)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -130,6 +142,22 @@ def add_shards_commands(shards_sub: argparse._SubParsersAction) -> None:
     negatives.add_argument("--quiet", action="store_true", help="no progress bar")
     negatives.set_defaults(func=cmd_negatives)
 
+    rewrite = shards_sub.add_parser(
+        "rewrites", help="add rule-based rewrites of each caption (true captions) to its json",
+        description="Copy shards, adding `captions` (and `caption_kinds`) to each sample's json "
+        "(replacing any already there): other true captions of the image made by rules (an "
+        "adjective left out, two noun phrases joined by 'and' swapped, a spatial relation "
+        "inverted), for data.captions: sample | all. --spacy MODEL parses with an installed "
+        "spaCy pipeline instead.")
+    rewrite.add_argument("--shards", required=True, help="shard spec, e.g. d/{000..009}.tar")
+    rewrite.add_argument("--out", required=True, help="output folder (same shard names)")
+    rewrite.add_argument("--num", type=int, default=3, help="rewrites per caption (at most)")
+    rewrite.add_argument("--seed", type=int, default=0)
+    rewrite.add_argument("--spacy", metavar="MODEL", help="spaCy pipeline, e.g. en_core_web_sm")
+    rewrite.add_argument("--workers", type=int, help="processes (default: one per core)")
+    rewrite.add_argument("--quiet", action="store_true", help="no progress bar")
+    rewrite.set_defaults(func=cmd_rewrites)
+
     inspect = shards_sub.add_parser("inspect", help="count samples and show a few")
     inspect.add_argument("shards", help="shard spec")
     inspect.add_argument("--show", type=int, default=3, help="samples to show")
@@ -142,5 +170,7 @@ def add_shards_commands(shards_sub: argparse._SubParsersAction) -> None:
     validate.add_argument("shards", help="shard spec")
     validate.add_argument("--num-negatives", type=int, default=0,
                           help="also require this many hard negatives per sample")
+    validate.add_argument("--captions", action="store_true",
+                          help="also check the json's extra true captions (data.captions)")
     validate.add_argument("--json", action="store_true", help="print one JSON report")
     validate.set_defaults(func=cmd_validate)

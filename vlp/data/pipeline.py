@@ -10,7 +10,9 @@ continues exactly where the last one stopped.
 
 Batch (docs/design.md §3): `image` (B,3,H,W) float, `text` (B,L) token ids, `key` list of sample ids,
 `neg_text` (B,K,L) when K = `num_negatives` > 0 (hard-negative captions drawn from the sample
-json's `neg_captions`), plus `worker`, `skipped` (the worker's cumulative skip count) and
+json's `neg_captions`), `pos_text` (B,K,L) and `pos_mask` (B,K) bool when `captions` is `all`
+(K = `num_positives` true captions per image, `text`'s first, padding repeats and is masked
+False; `vlp.data.captions`), plus `worker`, `skipped` (the worker's cumulative skip count) and
 `position` ((round, offset) of the worker's stream after this batch; see `StreamPosition`).
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlp.data.captions import choose_positives
 from vlp.data.limits import DEFAULT_LIMITS, SampleLimits, read_caption, read_image
 from vlp.data.sources import HFSource, ShardSource, Stream
 from vlp.data.sources import expand_shards as expand_shards  # re-exported
@@ -93,9 +96,13 @@ def decode_sample(
     num_negatives: int = 0,
     rng: random.Random | None = None,
     limits: SampleLimits = DEFAULT_LIMITS,
+    captions: str = "first",
+    num_positives: int = 0,
 ) -> dict[str, Any]:
     """Raw tar members → image tensor and token ids; raises ValueError naming what is wrong
-    (including a caption or image over `limits`, and damage the tar reader found)."""
+    (including a caption or image over `limits`, malformed json `captions`, and damage the tar
+    reader found). `captions`/`num_positives`: which true captions it carries
+    (`vlp.data.captions`)."""
     if DAMAGE in sample:
         raise ValueError(sample[DAMAGE])
     image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -103,10 +110,17 @@ def decode_sample(
         raise ValueError(f"no image member (looked for {', '.join(IMAGE_EXTENSIONS)})")
     if "txt" not in sample:
         raise ValueError("no txt member (caption)")
+    rng = rng or random
     caption, image = read_caption(sample["txt"], limits), read_image(image_bytes, limits)
-    decoded = {"image": preprocess(image), "text": tokenizer([caption])[0], "key": sample["__key__"]}
+    chosen = choose_positives(captions, caption, sample, rng=rng, num_positives=num_positives,
+                              limits=limits)
+    decoded = {"image": preprocess(image), "text": tokenizer([chosen["text"]])[0],
+               "key": sample["__key__"]}
+    if "positives" in chosen:
+        decoded["pos_text"] = tokenizer(chosen["positives"])
+        decoded["pos_mask"] = torch.tensor(chosen["mask"])
     if num_negatives:
-        decoded["neg_text"] = tokenizer(pick_negatives(sample, num_negatives, rng or random))
+        decoded["neg_text"] = tokenizer(pick_negatives(sample, num_negatives, rng))
     return decoded
 
 
@@ -152,6 +166,8 @@ class ShardStream(IterableDataset):
         num_negatives: int = 0,
         start: DataStart | None = None,
         limits: SampleLimits = DEFAULT_LIMITS,
+        captions: str = "first",
+        num_positives: int = 0,
     ):
         super().__init__()
         self.limits = limits
@@ -161,6 +177,7 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.num_negatives = num_negatives
+        self.captions, self.num_positives = captions, num_positives
         self.start = start or DataStart()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -187,11 +204,13 @@ class ShardStream(IterableDataset):
                 sample_seed = hash((self.source.seed, stream.global_id, round_, index))
                 if in_worker:  # random augmentations replay exactly after a resume
                     torch.default_generator.manual_seed(sample_seed)  # ~1 us; manual_seed ~170
-                rng = random.Random(sample_seed) if self.num_negatives else None
+                draws = self.num_negatives or self.captions != "first"
+                rng = random.Random(sample_seed) if draws else None
                 try:
                     batch.append(decode_sample(sample, self.preprocess, self.tokenizer,
                                                num_negatives=self.num_negatives, rng=rng,
-                                               limits=self.limits))
+                                               limits=self.limits, captions=self.captions,
+                                               num_positives=self.num_positives))
                 except ValueError as e:
                     counter.skip(str(e), sample)
                     continue
@@ -220,8 +239,9 @@ def collate(samples: list[dict[str, Any]], *, worker: int, skipped: int,
         "skipped": skipped,
         "position": position,
     }
-    if "neg_text" in samples[0]:
-        batch["neg_text"] = torch.stack([s["neg_text"] for s in samples])
+    for name in ("neg_text", "pos_text", "pos_mask"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
     return batch
 
 
@@ -241,6 +261,8 @@ def build_train_loader(
     num_negatives: int = 0,
     start: DataStart | None = None,
     limits: SampleLimits = DEFAULT_LIMITS,
+    captions: str = "first",
+    num_positives: int = 0,
 ) -> DataLoader:
     """A DataLoader of endless batches for this rank. `shards` is a shard spec (read with
     `mode`, `weights`, `seed`, `shuffle_buffer`) or a ready source; `start` resumes streams."""
@@ -257,6 +279,8 @@ def build_train_loader(
         num_negatives=num_negatives,
         start=start,
         limits=limits,
+        captions=captions,
+        num_positives=num_positives,
     )
     return DataLoader(
         dataset,

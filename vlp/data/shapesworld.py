@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
-VERSION = "2"
+VERSION = "3"
+"""Generator output version, in the manifest (3: training samples' json has `captions`)."""
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -634,26 +635,40 @@ def train_negatives(scene: Scene, caption: Caption, rng: random.Random) -> list[
 
 @dataclass(frozen=True)
 class TrainSample:
-    """One training pair with its hard negatives (``neg_kinds`` parallel to ``neg_captions``)."""
+    """One training pair with its hard negatives (``neg_kinds`` parallel to ``neg_captions``)
+    and other true captions of its scene (``captions``, read with ``data.captions``)."""
 
     key: str
     scene: Scene
     caption: str
     neg_captions: tuple[str, ...]
     neg_kinds: tuple[str, ...]
+    captions: tuple[str, ...] = ()
 
     def metadata(self) -> dict:
         return {**self.scene.to_json(), "caption": self.caption,
-                "neg_captions": list(self.neg_captions), "neg_kinds": list(self.neg_kinds)}
+                "neg_captions": list(self.neg_captions), "neg_kinds": list(self.neg_kinds),
+                "captions": list(self.captions)}
 
 
 def sample_key(index: int) -> str:
     return f"sw{index:08d}"
 
 
+TRAIN_PARAPHRASES = (2, 4)
+"""How many other true captions (``captions``) a training sample carries: uniform in this range."""
+
+
+def other_captions(scene: Scene, caption: str, rng: random.Random) -> list[str]:
+    """2–4 :func:`paraphrases` of ``scene``, each different from ``caption``."""
+    count = rng.randint(*TRAIN_PARAPHRASES)
+    return [text for text in paraphrases(scene, rng, count + 1) if text != caption][:count]
+
+
 def make_train_sample(index: int, *, seed: int, image_size: int = 64) -> TrainSample:
     """Training sample ``index``: one or two objects (50/50), seen combos only, with the
-    hard negatives of :func:`train_negatives`."""
+    hard negatives of :func:`train_negatives` and the paraphrases of :func:`other_captions`
+    (drawn from their own RNG stream, so scene, caption and negatives are those of version 2)."""
     rng = sample_rng(seed, "train", index)
     scene = sample_scene(rng, num_objects=1 + (rng.random() < 0.5), image_size=image_size)
     caption = describe(scene, rng)
@@ -664,4 +679,6 @@ def make_train_sample(index: int, *, seed: int, image_size: int = 64) -> TrainSa
         caption=caption.render(),
         neg_captions=tuple(text for _, text in negatives),
         neg_kinds=tuple(kind for kind, _ in negatives),
+        captions=tuple(other_captions(scene, caption.render(),
+                                      sample_rng(seed, "train-captions", index))),
     )

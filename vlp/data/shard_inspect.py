@@ -5,7 +5,8 @@ training run's. Validation applies the training pipeline's own rules (`decode_sa
 image member PIL can decode, a non-empty UTF-8 caption, the per-sample limits) to every sample,
 and reports each corrupt sample once with its shard and key, plus tar data that cannot be read
 (key `?`). With `num_negatives`, a sample with fewer distinct hard negatives is reported too
-(training would repeat some of them). A missing shard file or a folder is an error, not a
+(training would repeat some of them). With `captions`, the json's `captions` (extra true
+captions, `data.captions: sample | all`) are checked as training checks them. A missing shard file or a folder is an error, not a
 corrupt sample.
 """
 
@@ -116,7 +117,8 @@ def _keep_caption(captions: list[str]) -> list[str]:
     return captions
 
 
-def validate_shards(spec: str, *, num_negatives: int = 0) -> dict[str, Any]:
+def validate_shards(spec: str, *, num_negatives: int = 0, captions: bool = False
+                    ) -> dict[str, Any]:
     """Every sample checked with the training pipeline's rules; corrupt members listed."""
     shards = []
     for url in shard_urls(spec):
@@ -124,7 +126,8 @@ def validate_shards(spec: str, *, num_negatives: int = 0) -> dict[str, Any]:
         for sample in _samples(url, report):
             report.samples += 1
             try:
-                decode_sample(sample, _identity, _keep_caption, num_negatives=num_negatives)
+                decode_sample(sample, _identity, _keep_caption, num_negatives=num_negatives,
+                              captions="sample" if captions else "first")
                 found = len(set(hard_negatives(sample))) if num_negatives else num_negatives
                 if found < num_negatives:
                     raise ValueError(f"{found} distinct hard negatives, fewer than "

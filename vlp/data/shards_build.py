@@ -1,4 +1,4 @@
-"""`vlp shards build` and `vlp shards negatives`: write and rewrite webdataset training shards.
+"""`vlp shards build`, `negatives` and `rewrites`: write and rewrite webdataset training shards.
 
 Inputs (one record = an image file or image bytes, and its caption):
 - an image folder whose images have sidecar captions (`cat/001.jpg` + `cat/001.txt`);
@@ -253,32 +253,68 @@ def _write_stats(out: Path, results: list[dict[str, Any]], prefix: str) -> dict[
 # ----------------------------------------------------------------------------- negatives
 
 
-def _add_negatives_job(job: tuple[str, str, int, int | str, str | None]) -> dict[str, int]:
-    from vlp.data.negatives import hard_negatives, parse_rules, spacy_parser
-
-    src, dst, num, seed, spacy_model = job
-    parse: Callable = spacy_parser(spacy_model) if spacy_model else parse_rules
-    counts = {"samples": 0, "with_negatives": 0, "negatives": 0}
+def _annotate_shard(src: str, dst: str,
+                    annotate: Callable[[str, str, dict[str, Any]], int]) -> tuple[int, int, int]:
+    """Copy shard `src` to `dst`, letting `annotate(caption, key, json)` add fields to each
+    sample's json (returning how many captions it added); every other member is kept.
+    Returns (samples, samples with an addition, additions)."""
+    samples = with_added = added = 0
     tmp = dst + ".tmp"
     with wds.TarWriter(tmp, encoder=False, mtime=_TAR_MTIME) as sink:
         for sample in _raw_samples(src):
-            counts["samples"] += 1
+            samples += 1
             out = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
             caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
             try:
                 meta = json.loads(sample["json"]) if "json" in sample else {}
             except json.JSONDecodeError:
                 meta = {}
-            pairs = hard_negatives(caption, num=num, seed=f"{seed}/{sample['__key__']}",
-                                   parse=parse) if caption else []
-            meta["neg_captions"] = [text for text, _ in pairs]
-            meta["neg_kinds"] = [kind for _, kind in pairs]
+            count = annotate(caption, sample["__key__"], meta)
             out["json"] = json.dumps(meta).encode()
             sink.write(out)
-            counts["with_negatives"] += bool(pairs)
-            counts["negatives"] += len(pairs)
+            with_added += bool(count)
+            added += count
     os.replace(tmp, dst)
-    return counts
+    return samples, with_added, added
+
+
+def _parser(spacy_model: str | None) -> Callable:
+    from vlp.data.negatives import parse_rules, spacy_parser
+
+    return spacy_parser(spacy_model) if spacy_model else parse_rules
+
+
+def _add_negatives_job(job: tuple[str, str, int, int | str, str | None]) -> dict[str, int]:
+    from vlp.data.negatives import hard_negatives
+
+    src, dst, num, seed, spacy_model = job
+    parse = _parser(spacy_model)
+
+    def annotate(caption: str, key: str, meta: dict[str, Any]) -> int:
+        pairs = hard_negatives(caption, num=num, seed=f"{seed}/{key}",
+                               parse=parse) if caption else []
+        meta["neg_captions"] = [text for text, _ in pairs]
+        meta["neg_kinds"] = [kind for _, kind in pairs]
+        return len(pairs)
+
+    samples, with_added, added = _annotate_shard(src, dst, annotate)
+    return {"samples": samples, "with_negatives": with_added, "negatives": added}
+
+
+def _add_rewrites_job(job: tuple[str, str, int, int | str, str | None]) -> dict[str, int]:
+    from vlp.data.rewrites import rewrites
+
+    src, dst, num, seed, spacy_model = job
+    parse = _parser(spacy_model)
+
+    def annotate(caption: str, key: str, meta: dict[str, Any]) -> int:
+        pairs = rewrites(caption, num=num, seed=f"{seed}/{key}", parse=parse) if caption else []
+        meta["captions"] = [text for text, _ in pairs]
+        meta["caption_kinds"] = [kind for _, kind in pairs]
+        return len(pairs)
+
+    samples, with_added, added = _annotate_shard(src, dst, annotate)
+    return {"samples": samples, "with_rewrites": with_added, "rewrites": added}
 
 
 def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
@@ -290,6 +326,23 @@ def add_negatives(spec: str, out: str | Path, *, num: int = 3, seed: int = 0,
                   progress: bool = True) -> dict[str, int]:
     """Copy the shards of `spec` into `out` with `neg_captions` (and `neg_kinds`) in each
     sample's json, keeping every other member as it was."""
+    return _annotate_shards(_add_negatives_job, "negatives", spec, out, num=num, seed=seed,
+                            spacy_model=spacy_model, workers=workers, progress=progress)
+
+
+def add_rewrites(spec: str, out: str | Path, *, num: int = 3, seed: int = 0,
+                 spacy_model: str | None = None, workers: int | None = None,
+                 progress: bool = True) -> dict[str, int]:
+    """Copy the shards of `spec` into `out` with rule-based rewrites of each caption
+    (`vlp.data.rewrites`) as `captions` (and `caption_kinds`) in its json, replacing any
+    already there, for `data.captions: sample | all`; every other member is kept."""
+    return _annotate_shards(_add_rewrites_job, "rewrites", spec, out, num=num, seed=seed,
+                            spacy_model=spacy_model, workers=workers, progress=progress)
+
+
+def _annotate_shards(job_fn: Callable[[tuple], dict[str, int]], what: str, spec: str,
+                     out: str | Path, *, num: int, seed: int, spacy_model: str | None,
+                     workers: int | None, progress: bool) -> dict[str, int]:
     from vlp.data.sources import expand_shards
 
     if spacy_model:
@@ -304,19 +357,19 @@ def add_negatives(spec: str, out: str | Path, *, num: int = 3, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     urls = expand_shards(spec)
     jobs = [(url, str(out / Path(url).name), num, seed, spacy_model) for url in urls]
-    totals = {"shards": len(jobs), "samples": 0, "with_negatives": 0, "negatives": 0}
+    totals = {"shards": len(jobs), "samples": 0, f"with_{what}": 0, what: 0}
     workers = min(workers or os.cpu_count() or 1, max(len(jobs), 1))
-    with tqdm(total=len(jobs), desc="negatives", unit="shard", disable=not progress) as bar:
+    with tqdm(total=len(jobs), desc=what, unit="shard", disable=not progress) as bar:
         if workers > 1:
             with multiprocessing.get_context().Pool(workers) as pool:
-                results = pool.imap(_add_negatives_job, jobs)
+                results = pool.imap(job_fn, jobs)
                 for counts in results:
                     bar.update(1)
                     for key, value in counts.items():
                         totals[key] += value
         else:
             for job in jobs:
-                for key, value in _add_negatives_job(job).items():
+                for key, value in job_fn(job).items():
                     totals[key] += value
                 bar.update(1)
     return totals

@@ -24,9 +24,11 @@ from torch.distributed import ProcessGroup
 from vlp.distributed.collectives import Ring
 from vlp.distributed.dense_contrastive import (
     gather_clip_loss,
+    gather_multipos_loss,
     gather_siglip_loss,
     gather_weighted_clip_loss,
     local_clip_loss,
+    local_multipos_loss,
     local_siglip_loss,
     local_weighted_clip_loss,
 )
@@ -56,6 +58,14 @@ class ContrastiveBackend(Protocol):
         `leave_one_out` each positive is left out of its own denominator (DCL / InfoLOOB)."""
         ...
 
+    def multi_positive(
+        self, image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor,
+        logit_scale: Tensor
+    ) -> Tensor:
+        """Multi-positive softmax loss: (b, K, D) positive captions per image, (b, K) bool mask
+        of the real ones (`vlp.distributed.dense_contrastive`)."""
+        ...
+
     def sigmoid(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
     ) -> Tensor:
@@ -74,6 +84,13 @@ class ContrastiveBackend(Protocol):
         """Softmax with soft targets (CWCL): row i's target over columns j is w_ij / Σ_j w_ij,
         w_ij = weight(f_i·f_j) of the detached, L2-normalised `weight_features` f (b, D')."""
         ...
+
+
+RING_MULTI_POSITIVE = (
+    "the ring backend does not compute the multi-positive softmax (multipos): its tiled "
+    "kernels have one positive per row and a fixed column count per rank; use loss.backend: "
+    "gather (or local on one process)")
+"""Why `loss.backend: ring` refuses the multipos objective (one line)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,12 @@ class LocalBackend:
             neg_text_features=neg_text_features,
             leave_one_out=leave_one_out,
         )
+
+    def multi_positive(
+        self, image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor,
+        logit_scale: Tensor
+    ) -> Tensor:
+        return local_multipos_loss(image_features, pos_text_features, pos_mask, logit_scale)
 
     def sigmoid(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
@@ -141,6 +164,13 @@ class GatherBackend:
             group=self.group,
             leave_one_out=leave_one_out,
         )
+
+    def multi_positive(
+        self, image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor,
+        logit_scale: Tensor
+    ) -> Tensor:
+        return gather_multipos_loss(image_features, pos_text_features, pos_mask, logit_scale,
+                                    group=self.group)
 
     def sigmoid(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor
@@ -189,6 +219,12 @@ class RingBackend:
             tile_size=self.tile_size,
             leave_one_out=leave_one_out,
         )
+
+    def multi_positive(
+        self, image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor,
+        logit_scale: Tensor
+    ) -> Tensor:
+        raise ValueError(RING_MULTI_POSITIVE)
 
     def sigmoid(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor

@@ -16,6 +16,11 @@ Losses on the global batch (the definitions every backend implements):
   weights w (w_ij ≥ 0, w_ii > 0, symmetric), per row −Σ_j w_ij log softmax_j(logits_i) / Σ_j w_ij,
   in both directions (image rows against text columns and text rows against image columns,
   the same w), halved. With w = identity it is the softmax (CLIP) loss. No hard negatives.
+- multi-positive softmax (`multipos`; K positive captions per image, mask m marking the real
+  ones): image->text: mean over the B images of −mean_{p∈P(i)} log softmax_i(p) over all the
+  batch's real captions (the target mass spread uniformly over the image's own positives, the
+  multi-positive / SupCon form); text->image: mean over the real captions of CE(caption ->
+  all images, its own image); halved. With K = 1 it is the softmax (CLIP) loss.
 - sigmoid (SigLIP): -sum over all B×B pairs of logsigmoid(±(s x·y + t)) / B, + on the diagonal.
   Equals open_clip `SigLipLoss` on the full batch.
 
@@ -100,6 +105,43 @@ def target_weights(rows: Tensor, columns: Tensor, weight: Callable[[Tensor], Ten
     return weight(rows.detach() @ columns.detach().T)
 
 
+def multipos_rows_loss(
+    image_rows: Tensor,
+    pos_rows: Tensor,
+    mask_rows: Tensor,
+    all_image: Tensor,
+    all_pos: Tensor,
+    all_mask: Tensor,
+    logit_scale: Tensor,
+    *,
+    offset: int = 0,
+    world_size: int = 1,
+) -> Tensor:
+    """This rank's share of the multi-positive softmax loss, times `world_size`: b image rows
+    and their b·K caption rows against all B images and B·K captions (padding masked out).
+
+    Image rows (b, D), positives (b, K, D) and mask (b, K) bool; `all_*` the same for the global
+    batch, in rank order. Row i's own positives are all_pos[offset + i]. The mean over ranks of
+    the returned values is the global loss (the text->image mean divides by the global count
+    of real captions).
+    """
+    b, k, d = pos_rows.shape
+    rows = torch.arange(b, device=image_rows.device)
+    logits = logit_scale * image_rows @ all_pos.reshape(-1, d).T  # (b, B·K)
+    logits = logits.masked_fill(~all_mask.reshape(1, -1), float("-inf"))
+    log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).reshape(b, -1, k)
+    own = torch.where(mask_rows, log_prob[rows, rows + offset], 0.0)  # (b, K)
+    image_to_text = (-own.sum(1) / mask_rows.sum(1)).mean()
+
+    logits_per_text = logit_scale * pos_rows.reshape(-1, d) @ all_image.T  # (b·K, B)
+    labels = (rows + offset).repeat_interleave(k)
+    per_caption = F.cross_entropy(logits_per_text, labels, reduction="none")
+    num_captions = all_mask.sum().to(per_caption.dtype)  # real captions in the global batch
+    text_to_image = torch.where(mask_rows.reshape(-1), per_caption, 0.0).sum() * (
+        world_size / num_captions)
+    return (image_to_text + text_to_image) / 2
+
+
 def sigmoid_rows_loss(
     image_rows: Tensor,
     all_text: Tensor,
@@ -155,6 +197,28 @@ def local_weighted_clip_loss(
     return weighted_rows_loss(
         image_features, text_features, image_features, text_features, logit_scale, weights
     )
+
+
+def check_positives(image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor) -> None:
+    """Raise ValueError unless positives are (b, K, D) with a (b, K) bool mask (whose first
+    column, the `txt` caption, the data pipeline always sets)."""
+    b, d = image_features.shape
+    if pos_text_features.dim() != 3 or pos_text_features.shape[::2] != (b, d):
+        raise ValueError(f"pos_text_features has shape {tuple(pos_text_features.shape)}; "
+                         f"expected (b, K, D) with b = {b}, D = {d}")
+    if pos_mask.dtype != torch.bool or pos_mask.shape != pos_text_features.shape[:2]:
+        raise ValueError(f"pos_mask must be a bool (b, K) = {tuple(pos_text_features.shape[:2])} "
+                         f"tensor; got {pos_mask.dtype} {tuple(pos_mask.shape)}")
+
+
+def local_multipos_loss(
+    image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor, logit_scale: Tensor
+) -> Tensor:
+    """Multi-positive softmax loss of one process's batch; no collectives."""
+    check_local(image_features, pos_text_features[:, 0], None, logit_scale)
+    check_positives(image_features, pos_text_features, pos_mask)
+    return multipos_rows_loss(image_features, pos_text_features, pos_mask, image_features,
+                              pos_text_features, pos_mask, logit_scale)
 
 
 def local_siglip_loss(
@@ -231,6 +295,40 @@ def gather_weighted_clip_loss(
         all_gather_with_grad(text_features, ring),
         logit_scale,
         target_weights(weight_features, all_weight_features, weight),
+    )
+    return _global_value(rank_loss, ring)
+
+
+def gather_multipos_loss(
+    image_features: Tensor,
+    pos_text_features: Tensor,
+    pos_mask: Tensor,
+    logit_scale: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+) -> Tensor:
+    """Multi-positive softmax loss on the global batch: all-gather images and positives with
+    grad (the mask without), this rank's image and caption rows.
+
+    Value and gradient semantics as `gather_clip_loss`: the value is the global loss on every
+    rank; each rank's gradients are W × its rows' share, so DDP's mean gives dL/dθ.
+    """
+    check_local(image_features, pos_text_features[:, 0], None, logit_scale)
+    check_positives(image_features, pos_text_features, pos_mask)
+    ring = Ring.of(group)
+    b, k, d = pos_text_features.shape
+    check_same_on_every_rank(image_features, pos_text_features.reshape(b * k, d), ring)
+    all_mask = all_gather_with_grad(pos_mask.to(image_features.dtype), ring) > 0.5
+    rank_loss = multipos_rows_loss(
+        image_features,
+        pos_text_features,
+        pos_mask,
+        all_gather_with_grad(image_features, ring),
+        all_gather_with_grad(pos_text_features, ring),
+        all_mask,
+        logit_scale,
+        offset=ring.rank * b,
+        world_size=ring.size,
     )
     return _global_value(rank_loss, ring)
 

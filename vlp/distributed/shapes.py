@@ -81,7 +81,8 @@ def check_same_on_every_rank(
         listed = ", ".join(f"rank {r}: b={s[0]} D={s[1]} K={s[2]}" for r, s in enumerate(shapes))
         raise ValueError(
             "contrastive backends 'gather' and 'ring' need the same local batch size b, feature "
-            f"dim D and negatives per image K on every rank (K=-1: none); got {listed}. "
+            f"dim D and negatives (multipos: positives) per image K on every rank (K=-1: none); "
+            f"got {listed}. "
             "Use drop_last / equal per-rank batches."
         )
     agreed.add((b, d, num_neg))

@@ -42,7 +42,9 @@ class DualEncoder(nn.Module):
 
     Wraps an open_clip model and returns its output dict (docs/design.md §3: `image_features`,
     `text_features`, `logit_scale`, optional `logit_bias`, `logits`, `labels`), plus
-    `neg_text_features` (b, K, D), normalised, when hard-negative captions (b, K, L) are given.
+    `neg_text_features` (b, K, D), normalised, when hard-negative captions (b, K, L) are given,
+    and `pos_text_features` (b, K, D), normalised, when positive captions (b, K, L) are given
+    (data.captions: all; the first, the `text` caption, is encoded again there).
     Checkpoints hold the wrapped open_clip model's weights (`.model`), not this wrapper's.
     """
 
@@ -51,13 +53,15 @@ class DualEncoder(nn.Module):
         self.model = model
 
     def forward(
-        self, image: torch.Tensor, text: torch.Tensor, neg_text: torch.Tensor | None = None
+        self, image: torch.Tensor, text: torch.Tensor, neg_text: torch.Tensor | None = None,
+        pos_text: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         output = self.model(image, text)
-        if neg_text is not None:
-            b, k, length = neg_text.shape
-            neg = self.model.encode_text(neg_text.reshape(b * k, length), normalize=True)
-            output["neg_text_features"] = neg.reshape(b, k, -1)
+        for name, captions in (("neg_text_features", neg_text), ("pos_text_features", pos_text)):
+            if captions is not None:
+                b, k, length = captions.shape
+                encoded = self.model.encode_text(captions.reshape(b * k, length), normalize=True)
+                output[name] = encoded.reshape(b, k, -1)
         return output
 
 

@@ -34,6 +34,17 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.loss.backend not in BACKENDS and cfg.loss.backend != "auto":
         raise ConfigError(
             f"loss.backend: unknown {cfg.loss.backend!r}; known: auto, {', '.join(BACKENDS)}")
+    check_positives(cfg)
+
+
+def check_positives(cfg: RunConfig) -> None:
+    """Positive captions (`pos_text`) are not read for nothing (the objectives that need them
+    check the data gives them: `check_recipe`)."""
+    if cfg.data.captions == "all" and not any(
+            "pos_text" in OBJECTIVES[s.name].requires for s in cfg.objectives):
+        raise ConfigError(
+            "data.captions: all gives positive captions that no objective reads: add the "
+            "multipos objective, or use data.captions: sample (one caption per read)")
 
 
 def check_model(cfg: ModelConfig) -> set[str]:

@@ -61,6 +61,7 @@ def build_batches(cfg, train_shards: str, bundle, accelerator: Accelerator,
             batch_size=data.batch_size, num_workers=data.num_workers, seed=seed,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
             num_negatives=data.num_negatives, start=start,
+            captions=data.captions, num_positives=data.num_positives,
             limits=SampleLimits(max_caption_chars=data.max_caption_chars,
                                 max_image_pixels=data.max_image_pixels),
         )

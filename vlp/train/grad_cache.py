@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-ROW_OUTPUTS = ("image_features", "text_features", "neg_text_features")
+ROW_OUTPUTS = ("image_features", "text_features", "neg_text_features", "pos_text_features")
 """Model outputs with one entry per sample: concatenated over micro-batches."""
 SHARED_OUTPUTS = ("logit_scale", "logit_bias")
 """Model outputs shared by all samples (parameters): taken once."""
@@ -93,10 +93,10 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
 
 
 def forward(model: nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The model's output dict for one batch (hard-negative captions included when present)."""
-    neg_text = batch.get("neg_text")
-    return model(batch["image"].to(device), batch["text"].to(device),
-                 None if neg_text is None else neg_text.to(device))
+    """The model's output dict for one batch (hard-negative and positive captions included
+    when present)."""
+    extra = {name: batch[name].to(device) for name in ("neg_text", "pos_text") if name in batch}
+    return model(batch["image"].to(device), batch["text"].to(device), **extra)
 
 
 def cached_backward(

@@ -1,0 +1,163 @@
+"""Multi-positive InfoNCE (`multipos`): −mean over an image's own positives of the log softmax
+over all the batch's captions, and each caption → its own image; with one positive it is CLIP."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from vlp.config import ConfigError, ObjectiveSpec
+from vlp.distributed import build_backend
+from vlp.models import DualEncoder, build_model
+from vlp.objectives import build_objectives
+from vlp.train.checks import load_run_config
+
+B, K, D = 6, 4, 16
+
+
+def multipos(backend: str = "local"):
+    return build_objectives([ObjectiveSpec("multipos")], backend=build_backend(backend))
+
+
+def clip():
+    return build_objectives([ObjectiveSpec("clip")], backend=build_backend("local"))
+
+
+def inputs(k: int = K, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(B, D, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    pos = F.normalize(torch.randn(B, k, D, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    mask = torch.arange(k)[None, :] < (torch.arange(B) % k + 1)[:, None]  # 1..k real positives
+    log_scale = torch.tensor(math.log(20.0), dtype=dtype, requires_grad=True)
+    return image, pos, mask, log_scale
+
+
+def direct(image, pos, mask, scale):
+    """The definition, one image and one caption at a time."""
+    captions = [(i, pos[i, j]) for i in range(B) for j in range(pos.shape[1]) if mask[i, j]]
+    texts = torch.stack([y for _, y in captions])
+    image_to_text = []
+    for i in range(B):
+        log_prob = torch.log_softmax(scale * texts @ image[i], dim=0)
+        image_to_text.append(-torch.stack(
+            [log_prob[n] for n, (owner, _) in enumerate(captions) if owner == i]).mean())
+    text_to_image = [-torch.log_softmax(scale * image @ y, dim=0)[owner] for owner, y in captions]
+    return (torch.stack(image_to_text).mean() + torch.stack(text_to_image).mean()) / 2
+
+
+def loss_of(objective, image, pos, mask, log_scale, text=None):
+    output = {"image_features": image, "text_features": pos[:, 0] if text is None else text,
+              "pos_text_features": pos, "logit_scale": log_scale.exp()}
+    return objective(output, {"pos_mask": mask})
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def test_multipos_matches_the_direct_definition_in_float64():
+    image, pos, mask, log_scale = inputs()
+    ours = loss_of(multipos(), image, pos, mask, log_scale)["multipos"]
+    theirs = direct(image, pos, mask, log_scale.exp())
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads(ours, [image, pos, log_scale]),
+                         grads(theirs, [image, pos, log_scale]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_padding_is_ignored_whatever_it_holds():
+    image, pos, mask, log_scale = inputs(seed=1)
+    other = pos.detach().clone()
+    other[~mask] = F.normalize(torch.randn(int((~mask).sum()), D, dtype=torch.float64), dim=-1)
+    a = loss_of(multipos(), image, pos, mask, log_scale)["multipos"]
+    b = loss_of(multipos(), image, other, mask, log_scale)["multipos"]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert grads(a, [pos])[0][~mask].abs().max() == 0
+
+
+def test_with_one_positive_per_image_it_is_the_clip_loss():
+    image, pos, _, log_scale = inputs(k=1, seed=2)
+    mask = torch.ones(B, 1, dtype=torch.bool)
+    ours = loss_of(multipos(), image, pos, mask, log_scale)["multipos"]
+    theirs = clip()({"image_features": image, "text_features": pos[:, 0],
+                     "logit_scale": log_scale.exp()}, {})["clip"]
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads(ours, [image, pos, log_scale]),
+                         grads(theirs, [image, pos, log_scale]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_more_positives_differ_from_clip_on_the_first_caption():
+    image, pos, mask, log_scale = inputs(seed=3)
+    ours = loss_of(multipos(), image, pos, mask, log_scale)["multipos"]
+    first = clip()({"image_features": image, "text_features": pos[:, 0],
+                    "logit_scale": log_scale.exp()}, {})["clip"]
+    assert not torch.isclose(ours, first)
+
+
+def test_gather_without_a_process_group_equals_local():
+    image, pos, mask, log_scale = inputs(seed=4)
+    torch.testing.assert_close(loss_of(multipos("gather"), image, pos, mask, log_scale),
+                               loss_of(multipos("local"), image, pos, mask, log_scale),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_ring_backend_refuses_in_one_line_naming_why():
+    with pytest.raises(ConfigError, match="ring backend does not compute the multi-positive") as e:
+        multipos("ring")
+    assert "\n" not in str(e.value) and "gather" in str(e.value)
+    image, pos, mask, log_scale = inputs()
+    with pytest.raises(ValueError, match="ring backend does not compute the multi-positive"):
+        build_backend("ring").multi_positive(image, pos, mask, log_scale.exp())
+
+
+def test_without_positive_captions_in_the_output_the_error_says_what_to_set():
+    image, pos, mask, log_scale = inputs()
+    with pytest.raises(ValueError, match="data.captions: all"):
+        multipos()({"image_features": image, "text_features": pos[:, 0],
+                    "logit_scale": log_scale.exp()}, {})
+
+
+def test_the_model_encodes_positive_captions_like_the_text():
+    bundle = build_model("vlp-tiny")
+    model = DualEncoder(bundle.model).eval()
+    tokens = bundle.tokenizer(["a red circle", "a blue square", "a green star", "a red star"])
+    pos_text = tokens.reshape(2, 2, -1)
+    image = torch.zeros(2, 3, 64, 64)
+    with torch.no_grad():
+        output = model(image, tokens[::2], pos_text=pos_text)
+    assert output["pos_text_features"].shape[:2] == (2, 2)
+    torch.testing.assert_close(output["pos_text_features"][:, 0], output["text_features"])
+
+
+def recipe(tmp_path: Path, objectives: list, **data) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"data": {"synth": {"num_train": 100}, **data},
+                                    "model": {"name": "vlp-tiny"}, "objectives": objectives}))
+    return path
+
+
+def test_multipos_needs_captions_all(tmp_path):
+    with pytest.raises(ConfigError, match=r"objectives\[0\]: objective multipos needs several "
+                                          "positive captions.*data.captions: all"):
+        load_run_config(recipe(tmp_path, [{"name": "multipos"}], captions="sample"))
+    cfg = load_run_config(recipe(tmp_path, [{"name": "multipos"}], captions="all",
+                                 num_positives=3))
+    assert cfg.data.num_positives == 3
+
+
+def test_captions_all_without_a_reader_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="data.captions: all gives positive captions that no "
+                                          "objective reads"):
+        load_run_config(recipe(tmp_path, [{"name": "clip"}], captions="all", num_positives=2))
+
+
+def test_multipos_on_the_ring_backend_is_a_config_error(tmp_path):
+    path = recipe(tmp_path, [{"name": "multipos"}], captions="all", num_positives=2)
+    with pytest.raises(ConfigError, match=r"objectives\[0\]: objective multipos: the ring "
+                                          "backend does not compute"):
+        load_run_config(path, ["loss.backend=ring"])
+    assert load_run_config(path, ["loss.backend=gather"]).loss.backend == "gather"
