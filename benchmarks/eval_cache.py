@@ -7,8 +7,9 @@ Runs `evaluate_suite` `--runs` times in one process on one randomly initialised 
 training run's periodic evaluations do; `--lock-text` locks its text tower as LiT does) and
 prints, per run: wall and CPU seconds of the whole suite, seconds spent reading, decoding and
 preprocessing images (timers around the shard sample decoder and the image-file dataset, so
-the suite's `num_workers` must be 0 for them to see the work), and the text tower's forward
-calls and seconds (hooks on the text transformer).
+the suite's `num_workers` must be 0 for them to see the work), the text tower's forward
+calls and seconds (hooks on the text transformer), and the decoded images kept for the next
+run (`vlp.eval.cache.decoded_bytes`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from vlp.eval import benchmark_data, embedding
+from vlp.eval import benchmark_data, cache, embedding
 from vlp.eval.runner import evaluate_suite
 from vlp.eval.suite import load_suite
 from vlp.models import build_model
@@ -40,6 +41,11 @@ class Timer:
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
         return timed
+
+
+def kept_mib() -> str:
+    decoded_bytes = getattr(cache, "decoded_bytes", None)  # absent before the image cache
+    return "-" if decoded_bytes is None else f"{decoded_bytes() / 2**20:.0f}"
 
 
 def main() -> None:
@@ -79,8 +85,8 @@ def main() -> None:
           f"suite {suite.name}: {', '.join(b.name for b in suite.benchmarks)}; "
           f"torch threads {torch.get_num_threads()}")
     print("| run | wall s | CPU s | images decoded | decode+preprocess s (share of wall) "
-          "| text forwards | text tower s |")
-    print("|---|---|---|---|---|---|---|")
+          "| text forwards | text tower s | decoded images kept MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as out:
         for run in range(1, args.runs + 1):
             before = (decode.seconds, decode.calls, text.seconds, text.calls)
@@ -91,7 +97,7 @@ def main() -> None:
             decode_s, decoded = decode.seconds - before[0], decode.calls - before[1]
             print(f"| {run} | {wall:.1f} | {cpu:.1f} | {decoded} | {decode_s:.1f} "
                   f"({100 * decode_s / wall:.1f} %) | {text.calls - before[3]} "
-                  f"| {text.seconds - before[2]:.1f} |", flush=True)
+                  f"| {text.seconds - before[2]:.1f} | {kept_mib()} |", flush=True)
 
 
 if __name__ == "__main__":

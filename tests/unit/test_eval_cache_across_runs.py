@@ -165,9 +165,9 @@ def test_images_beyond_the_limit_are_decoded_each_time_instead_of_kept(monkeypat
     assert torch.equal(second, first)
 
 
-def test_the_default_limit_is_512_mib_and_zero_keeps_nothing(monkeypatch, data):
+def test_the_default_limit_is_768_mib_and_zero_keeps_nothing(monkeypatch, data):
     monkeypatch.delenv(IMAGE_CACHE_ENV, raising=False)
-    assert image_cache_limit() == 512 * 2**20
+    assert image_cache_limit() == 768 * 2**20
     monkeypatch.setenv(IMAGE_CACHE_ENV, "0")
     model, preprocess = ColourModel(), CountingPreprocess()
     refs = [ImageRef(data["sugarcrepe"] / "images" / "0.png")]
