@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vlp.eval.benchmark_data import write_benchmark
+from vlp.eval.benchmark_data import read_benchmark, write_benchmark
 from vlp.eval.cache import (
     IMAGE_CACHE_ENV,
     decoded_bytes,
@@ -23,7 +23,7 @@ from vlp.eval.cache import (
     suite_cache,
     text_tower_fingerprint,
 )
-from vlp.eval.embedding import ImageRef, embed_images
+from vlp.eval.embedding import ImageRef, embed_images, root_embeddings
 from vlp.eval.runner import evaluate_suite
 from vlp.eval.suite import load_suite
 from vlp.eval.zeroshot import encode_texts
@@ -133,6 +133,24 @@ def test_another_transform_decodes_the_images_again(tmp_path, suite):
 
     assert other.calls == preprocess.calls == 3 * len(COLOURS)
     assert second == same(first)
+
+
+def test_images_decoded_by_loader_workers_are_kept_in_the_main_process(data):
+    model, preprocess = ColourModel(), CountingPreprocess()
+    refs = [ImageRef(data["sugarcrepe"] / "images" / f"{i}.png") for i in range(len(COLOURS))]
+    benchmark = read_benchmark(data["retrieval"])
+    in_workers = (embed_images(model, preprocess, refs, device="cpu", batch_size=4, num_workers=2),
+                  root_embeddings(model, preprocess, benchmark, device="cpu", batch_size=4,
+                                  num_workers=2))
+    assert preprocess.calls == 0  # decoded in the workers, whose copies of it counted
+
+    again = (embed_images(model, preprocess, refs, device="cpu", batch_size=4),
+             root_embeddings(model, preprocess, benchmark, device="cpu", batch_size=4))
+
+    assert preprocess.calls == 0
+    assert torch.equal(again[0], in_workers[0])
+    assert torch.equal(again[1][0], in_workers[1][0])
+    assert again[1][1] == in_workers[1][1]
 
 
 def test_a_rewritten_image_file_is_read_again(data):
