@@ -132,7 +132,7 @@ IMAGE_CACHE_ENV = "VLP_EVAL_IMAGE_CACHE_MB"
 def image_cache_limit() -> int:
     """Bytes of decoded images kept over all transforms: `VLP_EVAL_IMAGE_CACHE_MB` MiB if set
     (0 = keep none), else 768 MiB: room for the default ShapesWorld suite's 12,000 images
-    (48 KiB each at 64 px, 563 MiB) but not for a 224 px ImageNet validation set (28 GiB)."""
+    (48 KiB each at 64 px, 562 MiB) but not for a 224 px ImageNet validation set (28 GiB)."""
     value = os.environ.get(IMAGE_CACHE_ENV, "").strip()
     if not value:
         return DEFAULT_IMAGE_CACHE_MB * 2**20
