@@ -76,7 +76,9 @@ def evaluate_suite(
     context = EvalContext(model, tokenizer, preprocess, device, batch_size or suite.batch_size,
                           suite.num_workers, progress)
     run = SuiteResult(suite, {}, {}, out_dir, model_name, pretrained, device, step)
-    with suite_cache():  # each distinct image root, image file and caption encoded once
+    # each distinct image root, image file and caption encoded once; a locked text tower's
+    # caption features are kept for the model's next run
+    with suite_cache(model, tokenizer, device):
         _run_benchmarks(run, context, write_files=write_files, progress=progress)
     if write_files:
         run.files["results"] = write_json(out_dir / RESULTS_FILE, _summary(run))
