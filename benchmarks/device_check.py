@@ -6,8 +6,9 @@
 Prints one Markdown table, a row per check, each with its status (ok / FAIL / skipped and why),
 and exits non-zero if a check failed:
 
-- tiny recipe in fp32, bf16 and fp16: `vlp train recipes/shapesworld-tiny.yaml` as a
-  subprocess with `train.mixed_precision` set, on the same shards, seed and steps; every loss
+- tiny recipe in fp32, bf16 and fp16: `vlp train recipes/shapesworld-tiny.yaml` as three
+  subprocesses run at once (without OMP_NUM_THREADS, each gets a third of the cores), with
+  `train.mixed_precision` set, on the same shards, seed and steps; every loss
   must be finite and the curve within --curve-tolerance (relative, step by step) of fp32's.
   A precision the device or accelerate refuses (fp16 on CPU) is reported in its row.
 - tiled loss vs open_clip in one process: `ring_clip_loss` vs `ClipLoss` and `ring_siglip_loss`
@@ -107,8 +108,9 @@ def _tail(text: str, lines: int = 1) -> str:
 # ---------------------------------------------------------------- tiny recipe, three precisions
 
 
-def _recipe_losses(precision: str, shards: str, out: Path, s: Sizes) -> list[float] | str:
-    """The run's logged losses, or the last line it printed when it failed."""
+def _start_recipe(precision: str, shards: str, out: Path, s: Sizes,
+                  threads: int | None) -> subprocess.Popen:
+    """Start `vlp train` on the tiny recipe in `precision` (see `_recipe_losses`)."""
     overrides = {
         "output_dir": out, "data.synth": "", "data.shards": shards,
         "data.batch_size": s.recipe_batch, "data.num_workers": 0, "data.shuffle_buffer": 100,
@@ -119,20 +121,58 @@ def _recipe_losses(precision: str, shards: str, out: Path, s: Sizes) -> list[flo
     cmd = [sys.executable, "-m", "vlp", "train", str(train_throughput.RECIPE),
            *(f"{k}={v}" for k, v in overrides.items())]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    with _log_path(out).open("w") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log_path(out: Path) -> Path:
+    return out.with_name(f"{out.name}.log")
+
+
+def _recipe_losses(proc: subprocess.Popen, out: Path) -> list[float] | str:
+    """The run's logged losses, or the last line it printed when it failed."""
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     if proc.returncode != 0:
-        return _tail(proc.stdout + proc.stderr)
+        return _tail(_log_path(out).read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
     return [r["loss"] for r in records if "loss" in r]
 
 
+def _threads_each(runs: int) -> int | None:
+    """CPU threads per concurrent run when OMP_NUM_THREADS is unset: the cores shared out, so
+    that the runs together do not oversubscribe them (None: keep what the environment says)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // runs)
+
+
 def check_precisions(s: Sizes, shards: str, work: Path, tolerance: float) -> list[Row]:
+    """The three runs train at once (they only compare losses, not speed), then are compared."""
     rows, reference = [], None
     setting = f"{s.recipe_steps} steps, batch {s.recipe_batch}, {_device()}"
-    for precision in PRECISIONS:
-        name = {"no": "fp32"}.get(precision, precision)
-        losses = _recipe_losses(precision, shards, work / f"recipe-{name}", s)
+    names = {precision: {"no": "fp32"}.get(precision, precision) for precision in PRECISIONS}
+    threads = _threads_each(len(PRECISIONS))
+    procs = {}
+    try:
+        for precision, name in names.items():
+            procs[precision] = _start_recipe(precision, shards, work / f"recipe-{name}", s,
+                                             threads)
+        losses_of = {precision: _recipe_losses(procs[precision], work / f"recipe-{name}")
+                     for precision, name in names.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for precision, name in names.items():
+        losses = losses_of[precision]
         if isinstance(losses, str):
             rows.append(Row(f"tiny recipe {name}", setting, losses, f"FAIL: {name} run failed"))
             continue

@@ -5,6 +5,7 @@ optim settings its config.yaml records."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,26 +18,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.shapesworld_cache import SYNTH
 from vlp.checkpoint import latest_checkpoint, list_checkpoints
-from vlp.data.cache import prepare_shapesworld
 from vlp.train.metrics import read_metrics
 from vlp.train.optim import warmup_cosine
 from vlp.train.run_lock import RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "shapesworld-tiny.yaml"
-SYNTH = {"num_train": 1200, "num_eval": 96, "seed": 0, "image_size": 64,
-         "samples_per_shard": 300}
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    prepare_shapesworld(cache, SYNTH, progress=False)
-    return cache
+def cache(shapesworld_cache):
+    return shapesworld_cache
 
 
 def train_args(run: Path, cache: Path, *extra: str) -> list[str]:
@@ -64,6 +61,21 @@ def process_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid:
             pids.append(int(stat.parent.name))
     return pids
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, cache) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (trained with lr 2e-3 and
+    weight_decay 0.1); the tests that train on from it copy it first (see `copy_of`)."""
+    run_dir = tmp_path_factory.mktemp("four-steps") / "run"
+    first = run(train_args(run_dir, cache, "train.steps=4", "checkpoint.every=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-000000002", "step-000000004"]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -133,21 +145,20 @@ def test_a_second_run_on_a_folder_in_use_is_refused_with_one_line(tmp_path, cach
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing else touched
 
 
-def test_a_run_folder_whose_metrics_end_in_a_torn_line_resumes_and_repairs_it(tmp_path, cache):
-    run_dir = tmp_path / "run"
-    first = run(train_args(run_dir, cache, "train.steps=2", "checkpoint.every=2"))
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_run_folder_whose_metrics_end_in_a_torn_line_resumes_and_repairs_it(tmp_path, cache,
+                                                                              four_steps):
+    run_dir = copy_of(four_steps, tmp_path)
     with (run_dir / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 3, "loss": 4.1, "lo')  # the disk filled up mid-line
+        f.write('{"step": 5, "loss": 4.1, "lo')  # the disk filled up mid-line
 
-    second = run(train_args(run_dir, cache, "train.steps=3", "checkpoint.every=3"))
+    second = run(train_args(run_dir, cache, "train.steps=5", "checkpoint.every=5"))
 
     assert second.returncode == 0, second.stderr[-3000:]
     assert "removed a torn last line" in second.stderr
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]  # every line parses again
     # a step's training and end-of-run eval metrics are separate records of that step
-    assert steps == sorted(steps) and sorted(set(steps)) == [1, 2, 3]
+    assert steps == sorted(steps) and sorted(set(steps)) == [1, 2, 3, 4, 5]
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
 
 
@@ -155,10 +166,8 @@ def weights_finite(ckpt: Path) -> bool:
     return all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
 
 
-def test_a_diverging_run_falls_back_to_the_last_good_checkpoint(tmp_path, cache):
-    run_dir = tmp_path / "run"
-    first = run(train_args(run_dir, cache, "train.steps=4", "checkpoint.every=2"))
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_diverging_run_falls_back_to_the_last_good_checkpoint(tmp_path, cache, four_steps):
+    run_dir = copy_of(four_steps, tmp_path)
 
     # resumed at a learning rate of 1e6: step 5 is finite and applied (and saved, its weights
     # are finite), and its ruined weights make every later step non-finite
@@ -188,12 +197,11 @@ def test_a_diverging_run_falls_back_to_the_last_good_checkpoint(tmp_path, cache)
     assert weights_finite(run_dir / "step-000000006")
 
 
-def test_a_resumed_run_applies_the_optim_settings_its_config_records(tmp_path, cache):
-    run_dir = tmp_path / "run"
-    first = run(train_args(run_dir, cache, "train.steps=3", "checkpoint.every=3"))
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_resumed_run_applies_the_optim_settings_its_config_records(tmp_path, cache,
+                                                                     four_steps):
+    run_dir = copy_of(four_steps, tmp_path)
 
-    second = run(train_args(run_dir, cache, "train.steps=5", "checkpoint.every=5",
+    second = run(train_args(run_dir, cache, "train.steps=7", "checkpoint.every=7",
                             "optim.lr=1e-5", "optim.weight_decay=0.05"))
 
     assert second.returncode == 0, second.stderr[-3000:]
@@ -203,10 +211,10 @@ def test_a_resumed_run_applies_the_optim_settings_its_config_records(tmp_path, c
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
     assert (recorded["lr"], recorded["weight_decay"]) == (1e-5, 0.05)
     lrs = {r["step"]: r["lr"] for r in read_metrics(run_dir / "metrics.jsonl")}
-    for step in (4, 5):  # after step s the scheduler holds the lr of the next step
+    for step in (5, 6, 7):  # after step s the scheduler holds the lr of the next step
         assert lrs[step] == pytest.approx(
-            1e-5 * warmup_cosine(step, warmup_steps=5, total_steps=5), abs=1e-12)
-    state = json.loads((run_dir / "step-000000005" / "trainer_state.json").read_text())
+            1e-5 * warmup_cosine(step, warmup_steps=5, total_steps=7), abs=1e-12)
+    state = json.loads((run_dir / "step-000000007" / "trainer_state.json").read_text())
     assert state["scheduler"]["base_lrs"] == [1e-5, 1e-5]
     decay_group = state["optimizer"]["param_groups"][1]
     assert decay_group["weight_decay"] == 0.05 and decay_group["initial_lr"] == 1e-5

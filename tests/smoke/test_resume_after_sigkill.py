@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.shapesworld_cache import SYNTH
 from vlp.checkpoint import latest_checkpoint, list_checkpoints
-from vlp.data.cache import prepare_shapesworld
 from vlp.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "shapesworld-tiny.yaml"
 STEPS, EVERY, BATCH = 8, 2, 32
-SYNTH = {"num_train": 1200, "num_eval": 96, "seed": 0, "image_size": 64,
-         "samples_per_shard": 300}
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +55,9 @@ def data_offset(ckpt: Path) -> int:
     return offset
 
 
-def test_sigkilled_run_resumes_with_the_same_losses(tmp_path):
-    cache, reference, killed = tmp_path / "cache", tmp_path / "reference", tmp_path / "killed"
-    prepare_shapesworld(cache, SYNTH, progress=False)  # both runs below find it ready
+def test_sigkilled_run_resumes_with_the_same_losses(tmp_path, shapesworld_cache):
+    cache, reference, killed = shapesworld_cache, tmp_path / "reference", tmp_path / "killed"
+    # both runs below find their data ready in the cache
     uninterrupted = subprocess.Popen(tiny_run(reference, cache), cwd=ROOT, env=ENV,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = subprocess.Popen(tiny_run(killed, cache), cwd=ROOT, env=ENV,

@@ -9,8 +9,9 @@ from vlp.checkpoint import list_checkpoints
 pytestmark = pytest.mark.slow
 
 
-def test_a_damaged_latest_checkpoint_is_skipped_for_the_previous_good_one(tmp_path):
-    cache = tmp_path / "cache"
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_previous_good_one(tmp_path,
+                                                                         shapesworld_cache):
+    cache = shapesworld_cache
     checkpoints = ("checkpoint.every=2", "checkpoint.keep_last=1", "checkpoint.milestones=[2]")
     vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=4", *checkpoints))
     run = tmp_path / "run"

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,14 +49,22 @@ def vlp(*args: str, launcher: tuple[str, ...] = (), timeout: int = 600) -> subpr
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(shapesworld_cache):
+    return shapesworld_cache
 
 
-def test_training_lowers_the_loss_and_writes_the_report(tmp_path, cache):
-    proc = vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=40",
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """One 40-step run (checkpoints at steps 20 and 40) and its output: the tests that read it
+    share it, and those that train on from it copy its folder first."""
+    folder = tmp_path_factory.mktemp("trained")
+    proc = vlp("train", str(RECIPE), *small_run(folder, cache, "train.steps=40",
                                                 "checkpoint.every=20"))
-    run = tmp_path / "run"
+    return folder / "run", proc
+
+
+def test_training_lowers_the_loss_and_writes_the_report(trained):
+    run, proc = trained
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records][-1] == 40
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
@@ -75,20 +84,21 @@ def test_training_lowers_the_loss_and_writes_the_report(tmp_path, cache):
     assert "swap_att" in (run / "report.md").read_text()
 
 
-def test_resume_continues_from_the_saved_step(tmp_path, cache):
-    vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=4", "checkpoint.every=2"))
-    proc = vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=8",
-                                                "checkpoint.every=2"))
+def test_resume_continues_from_the_saved_step(tmp_path, cache, trained):
     run = tmp_path / "run"
-    assert "resumed from" in proc.stdout + proc.stderr and "at step 4" in proc.stdout + proc.stderr
-    assert latest_checkpoint(run).name == "step-000000008"
+    shutil.copytree(trained[0], run)  # saved at step 40, the last step of its 40
+    proc = vlp("train", str(RECIPE), *small_run(tmp_path, cache, "train.steps=44",
+                                                "checkpoint.every=2"))
+    assert "resumed from" in proc.stdout + proc.stderr and "at step 40" in proc.stdout + proc.stderr
+    assert latest_checkpoint(run).name == "step-000000044"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == [2, 4, 6, 8]  # the second run logged only the steps after 4
+    # the second run logged only the steps after 40
+    assert steps == [*range(2, 41, 2), 42, 44]
     # each run's end-of-run evaluation reaches the trackers too
-    assert [r["step"] for r in records if "eval/zeroshot/acc1" in r] == [4, 8]
+    assert [r["step"] for r in records if "eval/zeroshot/acc1" in r] == [40, 44]
     state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
-    assert state["step"] == 8 and state["samples_seen"] == 8 * 32
+    assert state["step"] == 44 and state["samples_seen"] == 44 * 32
 
 
 def test_two_process_gloo_run_trains_and_checkpoints(tmp_path, cache):
