@@ -24,6 +24,13 @@ and multi-positive InfoNCE on 3 true captions per image (vlp-tiny-rn, as the def
 
     multipos              recipes/shapesworld-tiny-multipos.yaml
 
+and a scheduled temperature (vlp-tiny-rn), and vlp-tiny's ViT without and with FLIP's token
+dropping (half the patches dropped in training; the same recipe, `model.patch_dropout=0` for vit):
+
+    temp_schedule         recipes/shapesworld-tiny-temp-schedule.yaml (τ cosine 0.07 -> 0.01)
+    vit                   recipes/shapesworld-tiny-flip.yaml      (model.patch_dropout=0)
+    flip                  recipes/shapesworld-tiny-flip.yaml
+
 with only the number of steps, the batch size and the seed overridden, all alike (`vlp train`
 in a subprocess, checkpointing only the last step), and `model.name` too when `--model` is
 given (e.g. `--model vlp-tiny` for the ViT). The recipes share the same data, model,
@@ -79,12 +86,18 @@ RECIPES = {
     "siglip": REPO / "recipes" / "shapesworld-tiny-siglip.yaml",
     "dcl": REPO / "recipes" / "shapesworld-tiny-dcl.yaml",
     "fixed_temp": REPO / "recipes" / "shapesworld-tiny-fixed-temp.yaml",
+    "temp_schedule": REPO / "recipes" / "shapesworld-tiny-temp-schedule.yaml",
     "lit": REPO / "recipes" / "lit-minilm-shapesworld.yaml",
     "cwcl": REPO / "recipes" / "shapesworld-tiny-cwcl.yaml",
     "multipos": REPO / "recipes" / "shapesworld-tiny-multipos.yaml",
+    "vit": REPO / "recipes" / "shapesworld-tiny-flip.yaml",
+    "flip": REPO / "recipes" / "shapesworld-tiny-flip.yaml",
 }
+RECIPE_OVERRIDES = {"vit": ["model.patch_dropout=0"]}
+"""Runs that share a recipe and differ from it: vit is the FLIP recipe's ViT without masking."""
 DEFAULT_OBJECTIVES = ("clip", "negclip", "clip+align_uniform", "siglip", "dcl", "fixed_temp")
-"""Run when `--objectives` is not given; lit and cwcl (a LiT pair) and multipos only when named."""
+"""Run when `--objectives` is not given; lit and cwcl (a LiT pair), multipos, temp_schedule and
+vit and flip (a ViT pair) only when named."""
 SUITE = REPO / "eval" / "suites" / "shapesworld.yaml"
 SUITE_BENCHMARKS = ("sugarcrepe", "gap")
 ZEROSHOT_SETS = ("zeroshot", "zeroshot_heldout")
@@ -278,9 +291,9 @@ def run_one(objective: str, seed: int, args: argparse.Namespace, suite: Any,
     from vlp.config import load_config
 
     run_dir = (args.out / "runs" / f"{objective}-seed{seed}").resolve()
-    overrides = train_overrides(run_dir, steps=args.steps, seed=seed,
-                                batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                model=args.model)
+    overrides = RECIPE_OVERRIDES.get(objective, []) + train_overrides(
+        run_dir, steps=args.steps, seed=seed, batch_size=args.batch_size,
+        cache_dir=args.cache_dir, model=args.model)
     settings = run_settings(objective, overrides, data_root)
     record_path = run_dir / RUN_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}

@@ -35,6 +35,7 @@ TERMS = {
     "shapesworld-tiny-dcl.yaml": {"clip"},
     "shapesworld-tiny-cwcl.yaml": {"cwcl"},
     "shapesworld-tiny-fixed-temp.yaml": {"clip"},
+    "shapesworld-tiny-temp-schedule.yaml": {"clip"},
     "shapesworld-tiny-flip.yaml": {"clip"},
     "shapesworld-tiny-multipos.yaml": {"multipos"},
 }

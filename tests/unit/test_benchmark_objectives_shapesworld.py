@@ -3,6 +3,7 @@ training): one row per objective, mean ± sample std over seeds, missing metrics
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -91,11 +92,22 @@ def test_every_training_override_is_the_same_for_every_objective(bench, tmp_path
                                        model="vlp-tiny")
     assert with_model == [*overrides, "model.name=vlp-tiny"]
     assert set(bench.RECIPES) == {"clip", "siglip", "negclip", "clip+align_uniform", "dcl",
-                                  "fixed_temp", "lit", "cwcl", "multipos"}
+                                  "fixed_temp", "lit", "cwcl", "multipos", "temp_schedule",
+                                  "vit", "flip"}
     assert bench.parse_args([]).objectives == ["clip", "negclip", "clip+align_uniform", "siglip",
                                                "dcl", "fixed_temp"]
     assert bench.parse_args(["--objectives", "lit", "cwcl"]).objectives == ["lit", "cwcl"]
     assert all(path.is_file() for path in bench.RECIPES.values())
+
+
+def test_vit_is_the_flip_recipe_without_token_dropping(bench):
+    from vlp.config import load_config
+
+    assert bench.RECIPES["vit"] == bench.RECIPES["flip"]
+    flip = load_config(bench.RECIPES["flip"])
+    vit = load_config(bench.RECIPES["vit"], bench.RECIPE_OVERRIDES["vit"])
+    assert (flip.model.patch_dropout, vit.model.patch_dropout) == (0.5, 0.0)
+    assert dataclasses.replace(vit.model, patch_dropout=0.5) == flip.model
 
 
 def test_plot_writes_a_png(bench, tmp_path):
