@@ -169,9 +169,13 @@ def _column_lse(logits: Tensor, row_exps: Tensor, row_peak: Tensor) -> Tensor:
     e^-87 of e^M underflow in float32, which is harmless while every column's largest term is
     within e^-40 of e^M (the lost terms are then < e^-47 of the column's sum); otherwise, and
     on accelerators (the check reads a value on the host), the column LSE is computed directly.
+    A column of only −inf (a left-out one: multipos padding) sums to exactly 0 either way, so
+    it does not count in the spread.
     """
     top = row_peak.max()
-    if logits.device.type == "cpu" and top - logits.amax(0).min() < COLUMNS_FROM_ROWS_RANGE:
+    column_peak = logits.amax(0)
+    lowest = torch.where(column_peak.isneginf(), top, column_peak).min()
+    if logits.device.type == "cpu" and top - lowest < COLUMNS_FROM_ROWS_RANGE:
         weights = torch.sub(row_peak.squeeze(1), top).exp_()
         return torch.mv(row_exps.T, weights).log_().add_(top)
     return _lse(logits, 0, row_exps)[0]
