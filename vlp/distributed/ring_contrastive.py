@@ -172,12 +172,12 @@ def _column_lse(logits: Tensor, row_exps: Tensor, row_peak: Tensor) -> Tensor:
     A column of only −inf (a left-out one: multipos padding) sums to exactly 0 either way, so
     it does not count in the spread.
     """
-    top = row_peak.max()
-    column_peak = logits.amax(0)
-    lowest = torch.where(column_peak.isneginf(), top, column_peak).min()
-    if logits.device.type == "cpu" and top - lowest < COLUMNS_FROM_ROWS_RANGE:
-        weights = torch.sub(row_peak.squeeze(1), top).exp_()
-        return torch.mv(row_exps.T, weights).log_().add_(top)
+    if logits.device.type == "cpu":
+        top, column_peak = row_peak.max(), logits.amax(0)
+        lowest = torch.where(column_peak.isneginf(), top, column_peak).min()
+        if top - lowest < COLUMNS_FROM_ROWS_RANGE:
+            weights = torch.sub(row_peak.squeeze(1), top).exp_()
+            return torch.mv(row_exps.T, weights).log_().add_(top)
     return _lse(logits, 0, row_exps)[0]
 
 
