@@ -137,6 +137,16 @@ def test_ring_tiles_in_float32_for_bfloat16_features():
     torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_ring_under_autocast_still_computes_in_the_features_dtype():
+    image, pos, mask, log_scale = (t.detach().float() if t.is_floating_point() else t
+                                   for t in inputs(seed=7))
+    ring = build_backend("ring", tile_size=RING_TILE)
+    expected = ring.multi_positive(image, pos, mask, log_scale.exp())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = ring.multi_positive(image, pos, mask, log_scale.exp())
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_without_positive_captions_in_the_output_the_error_says_what_to_set():
     image, pos, mask, log_scale = inputs()
     with pytest.raises(ValueError, match="data.captions: all"):
