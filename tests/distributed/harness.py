@@ -242,19 +242,44 @@ def multipos_loss(backend: Any, leaves: dict[str, Tensor], rows: slice) -> Tenso
                                   leaves["mask"][rows], leaves["log_scale"].exp())
 
 
+MULTIPOS_TILE_SIZE = 4
+"""Divides neither b = 5 nor a rank's b·K = 15 captions: the ring's partial tiles are used."""
+
+
 def multipos_job(rank: int, world_size: int, backend: str) -> dict[str, Tensor]:
     """This rank's multi-positive loss and DDP-averaged gradients of the global leaves."""
     inputs = multipos_inputs(world_size)
     leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
     rows = slice(rank * MULTIPOS_BATCH, (rank + 1) * MULTIPOS_BATCH)
-    loss = multipos_loss(build_backend(backend), leaves, rows)
+    loss = multipos_loss(build_backend(backend, tile_size=MULTIPOS_TILE_SIZE), leaves, rows)
     loss.backward()
     return {"loss": loss.detach()} | {f"grad_{k}": _ddp_mean(v.grad)
                                       for k, v in leaves.items() if v.grad is not None}
 
 
+def multipos_peak_numel_job(rank: int, world_size: int, backend: str) -> dict[str, Any]:
+    """Largest tensor created by a multi-positive loss forward+backward on this rank, with
+    `MEMORY_PROBE`'s b, D and tile and K = its num_negatives positives (1..K real)."""
+    b, dim, k, tile = (
+        MEMORY_PROBE[n] for n in ("local_batch", "dim", "num_negatives", "tile_size")
+    )
+    g = torch.Generator().manual_seed(rank)
+    x = F.normalize(torch.randn(b, dim, generator=g), dim=-1).requires_grad_()
+    pos = F.normalize(torch.randn(b, k, dim, generator=g), dim=-1).requires_grad_()
+    mask = torch.arange(k)[None, :] < (torch.arange(b) % k + 1)[:, None]
+    scale = torch.tensor(20.0, requires_grad=True)
+    loss_backend = build_backend(backend, tile_size=tile)
+    with MaxNumel() as probe:
+        loss_backend.multi_positive(x, pos, mask, scale).backward()
+    return {"max_numel": probe.max_numel, "op": probe.op}
+
+
 def multipos_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:
-    return {"multipos/gather": (multipos_job, {"backend": "gather"})}
+    jobs: dict[str, tuple[Callable, dict]] = {}
+    for backend in ("gather", "ring"):
+        jobs[f"multipos/{backend}"] = (multipos_job, {"backend": backend})
+        jobs[f"numel/{backend}-multipos"] = (multipos_peak_numel_job, {"backend": backend})
+    return jobs
 
 
 def world_jobs(world_size: int) -> dict[str, tuple[Callable, dict]]:

@@ -216,6 +216,10 @@ def test_observer_sees_the_last_micro_batch_output_and_gradients_are_unchanged()
         torch.testing.assert_close(output[name], reference[name])
 
 
+DDP_CASES = (("clip", "ring"), ("siglip", "ring"), ("multipos", "ring"), ("clip", "gather"))
+"""(objective, backend) of the 2-rank grad-cache steps."""
+
+
 def ddp_rank(rank: int, store_dir: str) -> None:
     """Each rank: a grad-cache step on its b rows of the global batch, for every objective."""
     torch.set_num_threads(1)
@@ -225,7 +229,7 @@ def ddp_rank(rank: int, store_dir: str) -> None:
     try:
         batch = make_batch(WORLD * NUM_MICRO * MICRO)
         local = rows(batch, rank * NUM_MICRO * MICRO, (rank + 1) * NUM_MICRO * MICRO)
-        for objective_name, backend in (("clip", "ring"), ("siglip", "ring"), ("clip", "gather")):
+        for objective_name, backend in DDP_CASES:
             model = DistributedDataParallel(make_model())
             reductions = []
 
@@ -254,7 +258,7 @@ def ddp_results() -> list[dict[str, Any]]:
                 for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("case", ["clip-ring", "siglip-ring", "clip-gather"])
+@pytest.mark.parametrize("case", [f"{o}-{b}" for o, b in DDP_CASES])
 def test_two_rank_cached_step_equals_one_process_on_the_global_batch(case, ddp_results):
     objective_name = case.split("-")[0]
     expected_grads, expected_loss = plain_step(objective_name,

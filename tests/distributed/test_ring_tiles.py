@@ -38,6 +38,22 @@ def test_column_lse_from_row_exponentials_matches_logsumexp(spread: float, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_column_lse_of_left_out_columns_is_minus_inf_and_the_others_reuse_the_rows(dtype):
+    """Columns of only −inf (multipos padding) neither break the row reuse nor get a finite LSE."""
+    logits = tile(5.0, dtype)
+    logits[:, ::3] = float("-inf")
+    scratch = torch.empty_like(logits)
+    _, row_peak = _lse(logits, 1, scratch)
+    exps = scratch.clone()
+    direct = _lse(logits, 0, torch.empty_like(logits))[0]
+    reused = _column_lse(logits, scratch, row_peak)
+    assert torch.equal(scratch, exps)  # the direct path would have overwritten the scratch
+    assert reused[::3].isneginf().all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(reused, direct, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_softplus_sum_matches_logaddexp_with_zero_over_the_whole_range(dtype):
     logits = torch.linspace(-120, 120, 4001, dtype=torch.float64).reshape(-1, 1)
     scratch, scratch2 = torch.empty_like(logits, dtype=dtype), torch.empty_like(logits, dtype=dtype)

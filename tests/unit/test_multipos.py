@@ -11,6 +11,7 @@ import yaml
 
 from vlp.config import ConfigError, ObjectiveSpec
 from vlp.distributed import build_backend
+from vlp.distributed.dense_contrastive import local_multipos_loss
 from vlp.models import DualEncoder, build_model
 from vlp.objectives import build_objectives
 from vlp.train.checks import load_run_config
@@ -18,8 +19,12 @@ from vlp.train.checks import load_run_config
 B, K, D = 6, 4, 16
 
 
+RING_TILE = 5  # divides neither B = 6 nor B·K = 24: the ring's partial tiles are used
+
+
 def multipos(backend: str = "local"):
-    return build_objectives([ObjectiveSpec("multipos")], backend=build_backend(backend))
+    return build_objectives([ObjectiveSpec("multipos")],
+                            backend=build_backend(backend, tile_size=RING_TILE))
 
 
 def clip():
@@ -68,20 +73,22 @@ def test_multipos_matches_the_direct_definition_in_float64():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_padding_is_ignored_whatever_it_holds():
+@pytest.mark.parametrize("backend", ["local", "ring"])
+def test_padding_is_ignored_whatever_it_holds(backend):
     image, pos, mask, log_scale = inputs(seed=1)
     other = pos.detach().clone()
     other[~mask] = F.normalize(torch.randn(int((~mask).sum()), D, dtype=torch.float64), dim=-1)
-    a = loss_of(multipos(), image, pos, mask, log_scale)["multipos"]
-    b = loss_of(multipos(), image, other, mask, log_scale)["multipos"]
+    a = loss_of(multipos(backend), image, pos, mask, log_scale)["multipos"]
+    b = loss_of(multipos(backend), image, other, mask, log_scale)["multipos"]
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert grads(a, [pos])[0][~mask].abs().max() == 0
 
 
-def test_with_one_positive_per_image_it_is_the_clip_loss():
+@pytest.mark.parametrize("backend", ["local", "ring"])
+def test_with_one_positive_per_image_it_is_the_clip_loss(backend):
     image, pos, _, log_scale = inputs(k=1, seed=2)
     mask = torch.ones(B, 1, dtype=torch.bool)
-    ours = loss_of(multipos(), image, pos, mask, log_scale)["multipos"]
+    ours = loss_of(multipos(backend), image, pos, mask, log_scale)["multipos"]
     theirs = clip()({"image_features": image, "text_features": pos[:, 0],
                      "logit_scale": log_scale.exp()}, {})["clip"]
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
@@ -105,13 +112,39 @@ def test_gather_without_a_process_group_equals_local():
                                rtol=1e-12, atol=1e-12)
 
 
-def test_ring_backend_refuses_in_one_line_naming_why():
-    with pytest.raises(ConfigError, match="ring backend does not compute the multi-positive") as e:
-        multipos("ring")
-    assert "\n" not in str(e.value) and "gather" in str(e.value)
-    image, pos, mask, log_scale = inputs()
-    with pytest.raises(ValueError, match="ring backend does not compute the multi-positive"):
-        build_backend("ring").multi_positive(image, pos, mask, log_scale.exp())
+@pytest.mark.parametrize("tile_size", [RING_TILE, 1024], ids=["tiles", "one-tile"])
+def test_ring_without_a_process_group_equals_local_values_and_gradients(tile_size):
+    image, pos, mask, log_scale = inputs(seed=5)
+    assert mask.sum(1).tolist() == [1, 2, 3, 4, 1, 2]  # 1 to K real captions per image
+    ring = build_backend("ring", tile_size=tile_size)
+    ours = ring.multi_positive(image, pos, mask, log_scale.exp())
+    theirs = build_backend("local").multi_positive(image, pos, mask, log_scale.exp())
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads(ours, [image, pos, log_scale]),
+                         grads(theirs, [image, pos, log_scale]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_ring_tiles_in_float32_for_bfloat16_features():
+    """Half-precision features are upcast once: the loss is the float32 loss of the rounded
+    features, as the ring clip loss's."""
+    image, pos, mask, log_scale = inputs(seed=6)
+    image, pos = image.detach().bfloat16(), pos.detach().bfloat16()
+    scale = log_scale.detach().float().exp()
+    ours = build_backend("ring", tile_size=RING_TILE).multi_positive(image, pos, mask, scale)
+    theirs = local_multipos_loss(image.double(), pos.double(), mask, scale.double())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_ring_under_autocast_still_computes_in_the_features_dtype():
+    image, pos, mask, log_scale = (t.detach().float() if t.is_floating_point() else t
+                                   for t in inputs(seed=7))
+    ring = build_backend("ring", tile_size=RING_TILE)
+    expected = ring.multi_positive(image, pos, mask, log_scale.exp())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = ring.multi_positive(image, pos, mask, log_scale.exp())
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_without_positive_captions_in_the_output_the_error_says_what_to_set():
@@ -155,9 +188,7 @@ def test_captions_all_without_a_reader_is_refused(tmp_path):
         load_run_config(recipe(tmp_path, [{"name": "clip"}], captions="all", num_positives=2))
 
 
-def test_multipos_on_the_ring_backend_is_a_config_error(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "gather", "ring", "auto"])
+def test_multipos_is_accepted_on_every_backend(tmp_path, backend):
     path = recipe(tmp_path, [{"name": "multipos"}], captions="all", num_positives=2)
-    with pytest.raises(ConfigError, match=r"objectives\[0\]: objective multipos: the ring "
-                                          "backend does not compute"):
-        load_run_config(path, ["loss.backend=ring"])
-    assert load_run_config(path, ["loss.backend=gather"]).loss.backend == "gather"
+    assert load_run_config(path, [f"loss.backend={backend}"]).loss.backend == backend

@@ -19,7 +19,12 @@ from vlp.distributed.dense_contrastive import (
     local_clip_loss,
     local_siglip_loss,
 )
-from vlp.distributed.ring_contrastive import DEFAULT_TILE_SIZE, ring_clip_loss, ring_siglip_loss
+from vlp.distributed.ring_contrastive import (
+    DEFAULT_TILE_SIZE,
+    ring_clip_loss,
+    ring_multipos_loss,
+    ring_siglip_loss,
+)
 
 __all__ = [
     "BACKENDS",
@@ -35,5 +40,6 @@ __all__ = [
     "local_clip_loss",
     "local_siglip_loss",
     "ring_clip_loss",
+    "ring_multipos_loss",
     "ring_siglip_loss",
 ]

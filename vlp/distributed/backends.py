@@ -32,7 +32,12 @@ from vlp.distributed.dense_contrastive import (
     local_siglip_loss,
     local_weighted_clip_loss,
 )
-from vlp.distributed.ring_contrastive import DEFAULT_TILE_SIZE, ring_clip_loss, ring_siglip_loss
+from vlp.distributed.ring_contrastive import (
+    DEFAULT_TILE_SIZE,
+    ring_clip_loss,
+    ring_multipos_loss,
+    ring_siglip_loss,
+)
 
 RING_NO_SOFT_TARGETS = (
     "the ring backend has no soft-target (CWCL) softmax: its hand-written tiled backward knows "
@@ -84,13 +89,6 @@ class ContrastiveBackend(Protocol):
         """Softmax with soft targets (CWCL): row i's target over columns j is w_ij / Σ_j w_ij,
         w_ij = weight(f_i·f_j) of the detached, L2-normalised `weight_features` f (b, D')."""
         ...
-
-
-RING_MULTI_POSITIVE = (
-    "the ring backend does not compute the multi-positive softmax (multipos): its tiled "
-    "kernels have one positive per row and a fixed column count per rank; use loss.backend: "
-    "gather (or local on one process)")
-"""Why `loss.backend: ring` refuses the multipos objective (one line)."""
 
 
 @dataclass(frozen=True)
@@ -224,7 +222,8 @@ class RingBackend:
         self, image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor,
         logit_scale: Tensor
     ) -> Tensor:
-        raise ValueError(RING_MULTI_POSITIVE)
+        return ring_multipos_loss(image_features, pos_text_features, pos_mask, logit_scale,
+                                  group=self.group, tile_size=self.tile_size)
 
     def sigmoid(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor

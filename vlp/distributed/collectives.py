@@ -95,6 +95,12 @@ class Ring:
         return [g.tolist() for g in gathered]
 
 
+def global_value(rank_loss: Tensor, ring: Ring) -> Tensor:
+    """`rank_loss` whose value is replaced by its mean over ranks; gradient unchanged."""
+    mean = ring.all_reduce_sum(rank_loss.detach()) / ring.size
+    return rank_loss + (mean - rank_loss.detach())
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's (b, D) tensor into (W·b, D); backward sums the gradients.
 

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from vlp.distributed.collectives import Ring, all_gather_with_grad
+from vlp.distributed.collectives import Ring, all_gather_with_grad, global_value
 from vlp.distributed.shapes import (
     check_leave_one_out,
     check_local,
+    check_positives,
     check_same_on_every_rank,
     check_weight_features,
     flat_negatives,
@@ -199,18 +200,6 @@ def local_weighted_clip_loss(
     )
 
 
-def check_positives(image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor) -> None:
-    """Raise ValueError unless positives are (b, K, D) with a (b, K) bool mask (whose first
-    column, the `txt` caption, the data pipeline always sets)."""
-    b, d = image_features.shape
-    if pos_text_features.dim() != 3 or pos_text_features.shape[::2] != (b, d):
-        raise ValueError(f"pos_text_features has shape {tuple(pos_text_features.shape)}; "
-                         f"expected (b, K, D) with b = {b}, D = {d}")
-    if pos_mask.dtype != torch.bool or pos_mask.shape != pos_text_features.shape[:2]:
-        raise ValueError(f"pos_mask must be a bool (b, K) = {tuple(pos_text_features.shape[:2])} "
-                         f"tensor; got {pos_mask.dtype} {tuple(pos_mask.shape)}")
-
-
 def local_multipos_loss(
     image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor, logit_scale: Tensor
 ) -> Tensor:
@@ -227,12 +216,6 @@ def local_siglip_loss(
     """Sigmoid (SigLIP) loss of one process's batch; no collectives."""
     check_local(image_features, text_features, None, logit_scale, logit_bias)
     return sigmoid_rows_loss(image_features, text_features, logit_scale, logit_bias)
-
-
-def _global_value(rank_loss: Tensor, ring: Ring) -> Tensor:
-    """`rank_loss` whose value is replaced by its mean over ranks; gradient unchanged."""
-    mean = ring.all_reduce_sum(rank_loss.detach()) / ring.size
-    return rank_loss + (mean - rank_loss.detach())
 
 
 def gather_clip_loss(
@@ -268,7 +251,7 @@ def gather_clip_loss(
         offset=ring.rank * image_features.shape[0],
         leave_one_out=leave_one_out,
     )
-    return _global_value(rank_loss, ring)
+    return global_value(rank_loss, ring)
 
 
 def gather_weighted_clip_loss(
@@ -296,7 +279,7 @@ def gather_weighted_clip_loss(
         logit_scale,
         target_weights(weight_features, all_weight_features, weight),
     )
-    return _global_value(rank_loss, ring)
+    return global_value(rank_loss, ring)
 
 
 def gather_multipos_loss(
@@ -330,7 +313,7 @@ def gather_multipos_loss(
         offset=ring.rank * b,
         world_size=ring.size,
     )
-    return _global_value(rank_loss, ring)
+    return global_value(rank_loss, ring)
 
 
 def gather_siglip_loss(
@@ -356,4 +339,4 @@ def gather_siglip_loss(
         logit_bias,
         offset=ring.rank * image_features.shape[0],
     )
-    return _global_value(rank_loss, ring)
+    return global_value(rank_loss, ring)

@@ -28,6 +28,13 @@ own (home) block, which the forward (after reading the positives off) and the re
 backward both set to −inf, so they add nothing to an LSE nor to a probability-weighted sum; the
 positives' own gradient (−1/(2B) per direction) is unchanged.
 
+Multi-positive softmax (multipos, `ring_multipos_loss`): K captions per image, padding masked.
+Its positives' logits are local, so only the denominators need the ring: `_RingLSE` returns
+the row and column LSEs of image rows against the ring-passed caption blocks (b·K, D), with
+a −inf column bias for padding, and its backward is exact for any incoming row and column
+gradients (those of the columns travel with their block). The loss itself is plain autograd
+on those LSEs and the local positives.
+
 Precision: tiles are computed and reduced in float32 (float64 for float64 features): the
 operands are upcast once per block, so with bf16/fp16 features the loss is the float32 loss of
 the rounded features, not one of similarities rounded to half precision (bf16 rounds x·y by up
@@ -53,10 +60,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
-from vlp.distributed.collectives import Ring
+from vlp.distributed.collectives import Ring, global_value
 from vlp.distributed.shapes import (
     check_leave_one_out,
     check_local,
+    check_positives,
     check_same_on_every_rank,
     flat_negatives,
 )
@@ -104,6 +112,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))  # Σ a ⊙ b without a temporary
+
+
+def _part(values: Tensor | None, tile: slice) -> Tensor | None:
+    return None if values is None else values[tile]
 
 
 def _zeros(like: Tensor, dtype: torch.dtype, shape: Sequence[int] = ()) -> Tensor:
@@ -157,11 +169,15 @@ def _column_lse(logits: Tensor, row_exps: Tensor, row_peak: Tensor) -> Tensor:
     e^-87 of e^M underflow in float32, which is harmless while every column's largest term is
     within e^-40 of e^M (the lost terms are then < e^-47 of the column's sum); otherwise, and
     on accelerators (the check reads a value on the host), the column LSE is computed directly.
+    A column of only −inf (a left-out one: multipos padding) sums to exactly 0 either way, so
+    it does not count in the spread.
     """
-    top = row_peak.max()
-    if logits.device.type == "cpu" and top - logits.amax(0).min() < COLUMNS_FROM_ROWS_RANGE:
-        weights = torch.sub(row_peak.squeeze(1), top).exp_()
-        return torch.mv(row_exps.T, weights).log_().add_(top)
+    if logits.device.type == "cpu":
+        top, column_peak = row_peak.max(), logits.amax(0)
+        lowest = torch.where(column_peak.isneginf(), top, column_peak).min()
+        if top - lowest < COLUMNS_FROM_ROWS_RANGE:
+            weights = torch.sub(row_peak.squeeze(1), top).exp_()
+            return torch.mv(row_exps.T, weights).log_().add_(top)
     return _lse(logits, 0, row_exps)[0]
 
 
@@ -190,6 +206,7 @@ def _block_lse(
     with_columns: bool,
     positive: Tensor | None = None,
     leave_one_out: bool = False,
+    column_bias: Tensor | None = None,
 ) -> Tensor | None:
     """Merge each row's log-sum-exp of xs·columnsᵀ into `row_lse`; return the columns' LSE.
 
@@ -197,13 +214,14 @@ def _block_lse(
     tile by tile; the column LSE covers this rank's rows only. With `positive` (the own block),
     the diagonal logits are copied into it from the very tiles the LSEs come from, so that
     LSE ≥ positive holds exactly and the loss is never negative from rounding; with
-    `leave_one_out` the diagonal logits are then left out of both LSEs.
+    `leave_one_out` the diagonal logits are then left out of both LSEs. `column_bias` (columns,)
+    is added to every row's logits: −inf leaves a column out of every LSE (its own is −inf).
     """
     buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     col_lse = xs.new_full((columns.shape[0],), float("-inf"), dtype=row_lse.dtype)
     for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
-            logits = buffers.logits(xs[i], columns[j])
+            logits = buffers.logits(xs[i], columns[j], _part(column_bias, j))
             if positive is not None and i == j:
                 positive[i] = logits.diagonal()
                 if leave_one_out:
@@ -227,6 +245,9 @@ def _block_softmax_grads(
     col_lse: Tensor | None,
     dx: Tensor,
     without_diagonal: bool = False,
+    column_bias: Tensor | None = None,
+    row_weight: Tensor | None = None,
+    col_weight: Tensor | None = None,
 ) -> Tensor:
     """Probability-weighted sums of one block's tiles: dx += P·c; returns Pᵀ·x.
 
@@ -234,17 +255,22 @@ def _block_softmax_grads(
     caller multiplies by the incoming gradient and the scale afterwards (once per block, not
     once per tile), and gets the scale's gradient from Σ x ⊙ dx. `without_diagonal` (the home
     block of the leave-one-out softmax): the diagonal tiles' diagonals get no probability.
+    `column_bias` as in `_block_lse`; `row_weight` (rows,) and `col_weight` (columns,) weight
+    the row and the column probabilities (the incoming gradients of the two LSEs).
     """
     buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     dcols = _zeros(x, row_lse.dtype, columns.shape)
     for i in _tiles(xs.shape[0], tile_size):
         for j in _tiles(columns.shape[0], tile_size):
-            logits = buffers.logits(xs[i], columns[j])
+            logits = buffers.logits(xs[i], columns[j], _part(column_bias, j))
             if without_diagonal and i == j:
                 logits.diagonal().fill_(float("-inf"))
             p = torch.sub(logits, row_lse[i, None], out=buffers.scratch(logits)).exp_()
+            if row_weight is not None:
+                p.mul_(row_weight[i, None])
             if col_lse is not None:
-                p += logits.sub_(col_lse[None, j]).exp_()
+                q = logits.sub_(col_lse[None, j]).exp_()
+                p += q if col_weight is None else q.mul_(col_weight[None, j])
             dx[i].addmm_(p, columns[j])
             dcols[j].addmm_(p.T, x[i])
     return dcols
@@ -454,6 +480,70 @@ class _RingSigmoidLoss(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class _RingLSE(torch.autograd.Function):
+    """Row and column log-sum-exps of S = s·X·Cᵀ over the global batch, with exact gradients.
+
+    x: this rank's rows (b, D); c: its columns (m, D); column_bias (m,) in float32+, 0 or −inf
+    (a −inf column is in no LSE: padding). Returns (row_lse, col_lse), float32+: the LSE of
+    this rank's rows over every rank's columns (b,) and of its columns over every rank's rows
+    (m,; −inf for a left-out column). m, like b and D, must be equal on every rank.
+
+    Gradients: every rank runs backward with the incoming gradients of its own outputs,
+    (g_row, g_col). Rank r gets the gradient of Σ_r' (g_row_r'·row_lse_r' + g_col_r'·col_lse_r')
+    with respect to its x and c (g_col travels with its column block, and each block's
+    gradient is summed over every rank's rows as it travels back to its owner), and its own
+    rows' share of the gradient with respect to s. So if every rank back-propagates W × its
+    share of a loss L, each gets W·dL/d(its features) and W × its rows' share of dL/ds: the
+    semantics of the module docstring.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, c: Tensor, column_bias: Tensor, logit_scale: Tensor, ring: Ring,
+        tile_size: int
+    ) -> tuple[Tensor, Tensor]:
+        with _without_autocast(x):
+            dtype = column_bias.dtype
+            xs = x.to(dtype) * logit_scale.detach().to(dtype).reshape(())
+            row_lse = x.new_full((x.shape[0],), float("-inf"), dtype=dtype)
+
+            def visit(block: list[Tensor]) -> list[Tensor]:
+                columns, bias = block
+                return [_block_lse(xs, columns.to(dtype), tile_size, row_lse=row_lse,
+                                   with_columns=True, column_bias=bias)]
+
+            (col_lse,) = ring_pass(ring, [c, column_bias], visit, _logaddexp_)
+            ctx.save_for_backward(x, c, column_bias, logit_scale, row_lse, col_lse)
+            ctx.ring, ctx.tile_size = ring, tile_size
+            return row_lse, col_lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_row: Tensor, grad_col: Tensor):
+        x, c, column_bias, logit_scale, row_lse, col_lse = ctx.saved_tensors
+        with _without_autocast(x):
+            dtype = column_bias.dtype
+            s = logit_scale.detach().to(dtype).reshape(())
+            xf = x.to(dtype)
+            xs = xf * s  # the forward's very operands, so the tiles' logits are the same
+            p_sums = _zeros(x, dtype, x.shape)  # Σ_j dL/dlogit_ij · c_j over every block
+            # A left-out column (logits and LSE −inf) gets no probability: exp(−inf − inf) = 0.
+            col_lse = col_lse.masked_fill(col_lse.isneginf(), float("inf"))
+            row_weight = grad_row.to(dtype)
+
+            def visit(block: list[Tensor]) -> list[Tensor]:
+                columns, bias, lse, col_weight = block
+                return [_block_softmax_grads(
+                    xs, xf, columns.to(dtype), ctx.tile_size, row_lse=row_lse, col_lse=lse,
+                    dx=p_sums, column_bias=bias, row_weight=row_weight, col_weight=col_weight)]
+
+            block = [c, column_bias, col_lse, grad_col.to(dtype)]
+            (dc,) = ring_pass(ctx.ring, block, visit, _add_)
+            # logit_ij = s·x_i·c_j: dx = s·p_sums, dc = s·Σ_i (…)·x_i, ds = Σ x ⊙ p_sums.
+            ds = _flat_dot(xf, p_sums).to(logit_scale.dtype).reshape(logit_scale.shape)
+            return (p_sums.mul_(s).to(x.dtype), dc.mul_(s).to(c.dtype), None, ds, None, None)
+
+
 def _check(
     x: Tensor, y: Tensor, n: Tensor | None, scalars: Sequence[Tensor], ring: Ring, tile_size: int
 ) -> None:
@@ -517,3 +607,48 @@ def ring_siglip_loss(
     # The forward computes gradients too (see _RingSigmoidLoss), but only when they can be used.
     with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     return _RingSigmoidLoss.apply(*inputs, ring, tile_size, with_grads)
+
+
+def ring_multipos_loss(
+    image_features: Tensor,
+    pos_text_features: Tensor,
+    pos_mask: Tensor,
+    logit_scale: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> Tensor:
+    """Multi-positive softmax loss over the global batch (the multipos objective), ring-tiled.
+
+    Args: this rank's L2-normalised image_features (b, D), its images' positive captions
+    pos_text_features (b, K, D) with pos_mask (b, K) bool (False: padding), logit_scale (the
+    exponentiated scale). The loss is `dense_contrastive`'s: ½ [mean over the B images of
+    LSE(image over all real captions) − mean of its positives' logits, + mean over the C real
+    captions of LSE(caption over all images) − its own image's logit]. The positives' logits
+    are local (plain autograd); one ring pass over the caption blocks (b·K, D), padding left
+    out by a −inf column bias, gives both denominators (`_RingLSE`): the rows' LSE for
+    image→text, the columns' for text→image. B = W·b; C, the global count of real captions,
+    is all-reduced (ranks may hold different counts). b, K and D must be equal on every rank.
+
+    Returns the loss (same value on every rank); gradients as `ring_clip_loss` (W × this
+    rank's share). Memory: O(K·b·D + tile_size²) per rank, never (b, B·K).
+    """
+    ring = Ring.of(group)
+    check_positives(image_features, pos_text_features, pos_mask)
+    b, k, d = pos_text_features.shape
+    captions = pos_text_features.reshape(b * k, d)
+    _check(image_features, pos_text_features[:, 0], captions, [logit_scale], ring, tile_size)
+    with _without_autocast(image_features):
+        dtype = _acc_dtype(image_features.dtype)
+        column_bias = torch.zeros(b * k, dtype=dtype, device=image_features.device)
+        column_bias.masked_fill_(~pos_mask.reshape(-1), float("-inf"))
+        row_lse, col_lse = _RingLSE.apply(
+            image_features, captions, column_bias, logit_scale, ring, tile_size)
+        positive = logit_scale.to(dtype) * torch.einsum(  # s·x_i·y_ik (b, K)
+            "bd,bkd->bk", image_features.to(dtype), pos_text_features.to(dtype))
+        mean_positive = torch.where(pos_mask, positive, 0).sum(1) / pos_mask.sum(1)
+        image_to_text = (row_lse - mean_positive).sum() / (ring.size * b)
+        num_captions = ring.all_reduce_sum(pos_mask.sum().to(dtype))
+        text_to_image = torch.where(pos_mask, col_lse.view(b, k) - positive, 0).sum()
+        share = (image_to_text + text_to_image / num_captions) / 2  # sums to L over ranks
+    return global_value(ring.size * share, ring)

@@ -1,10 +1,11 @@
 """Input checks shared by the contrastive backends.
 
-Shapes: b local batch, D feature dim, K hard negatives per image.
+Shapes: b local batch, D feature dim, K hard negatives (multipos: positive captions) per image.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from vlp.distributed.collectives import Ring
@@ -104,3 +105,15 @@ def check_weight_features(weight_features: Tensor, batch_size: int) -> None:
             f"weight_features has shape {tuple(weight_features.shape)}; expected (b, D') with "
             f"b = {batch_size}"
         )
+
+
+def check_positives(image_features: Tensor, pos_text_features: Tensor, pos_mask: Tensor) -> None:
+    """Raise ValueError unless positives are (b, K, D) with a (b, K) bool mask (whose first
+    column, the `txt` caption, the data pipeline always sets)."""
+    b, d = image_features.shape
+    if pos_text_features.dim() != 3 or pos_text_features.shape[::2] != (b, d):
+        raise ValueError(f"pos_text_features has shape {tuple(pos_text_features.shape)}; "
+                         f"expected (b, K, D) with b = {b}, D = {d}")
+    if pos_mask.dtype != torch.bool or pos_mask.shape != pos_text_features.shape[:2]:
+        raise ValueError(f"pos_mask must be a bool (b, K) = {tuple(pos_text_features.shape[:2])} "
+                         f"tensor; got {pos_mask.dtype} {tuple(pos_mask.shape)}")

@@ -11,9 +11,9 @@ own image)]: the image→text target mass is spread uniformly over the image's o
 (the multi-positive / SupCon form), and every caption is a text→image row with its own image as
 target. With K = 1 it is the clip loss. Needs `data.captions: all` (K = data.num_positives; the
 positives are the `txt` caption and the json's `captions`, e.g. LaCLIP rewrites, DreamLIP sub-
-captions, ShapesWorld paraphrases). Backends local and gather; ring refuses it: the recipe
-check refuses `loss.backend: ring` and `data.captions` other than all, and building the
-objective on a ring backend (`auto` on several processes) raises a one-line ConfigError.
+captions, ShapesWorld paraphrases); the recipe check refuses `data.captions` other than all.
+Every backend computes it: local, gather and ring (`ring_multipos_loss`: O(b·K·D + tile²)
+memory per rank, no (b, B·K) logits).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlp.config import ConfigError
-from vlp.distributed.backends import RING_MULTI_POSITIVE
 from vlp.objectives.registry import register
 
 
@@ -40,20 +38,14 @@ class MultiPositiveObjective(nn.Module):
 
     @staticmethod
     def check_recipe(cfg: Config, run: Any) -> None:
-        """Raise ValueError (one line) unless `run`'s data gives K positives per image and its
-        backend computes the multi-positive loss."""
+        """Raise ValueError (one line) unless `run`'s data gives K positives per image."""
         if run.data.captions != "all":
             raise ValueError("objective multipos needs several positive captions per image "
                              "(batch field pos_text): set data.captions: all and "
                              "data.num_positives")
-        if run.loss.backend == "ring":
-            raise ValueError(f"objective multipos: {RING_MULTI_POSITIVE}")
 
     def __init__(self, cfg: Config, *, backend: Any):
         super().__init__()
-        if backend.name == "ring":  # a ConfigError: `vlp train` says it in one line
-            raise ConfigError(f"objective multipos: {RING_MULTI_POSITIVE} (loss.backend auto "
-                              "picks ring on several processes)")
         self.cfg = cfg
         self.backend = backend
 
