@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torchvision.transforms import Compose
 
 import vlp.eval.multi
+import vlp.eval.zeroshot
 from tests.checkpoints import write_random_checkpoint
 from vlp.checkpoint import write_manifest
 from vlp.cli import main
@@ -141,6 +143,36 @@ def test_progress_says_which_checkpoint_and_the_end_says_where_the_summary_is(
     assert f"[vlp eval] checkpoint 2 of 2: {run / 'step-000000100'}" in printed
     assert f"report: {tmp_path / 'report.md'}" in printed
     assert f"results: {tmp_path / 'results.json'}" in printed
+
+
+def test_checkpoints_with_the_same_text_tower_encode_each_caption_once(run, data, tmp_path,
+                                                                      monkeypatch):
+    """Two steps of a LiT run: the image tower moved, the locked text tower did not."""
+    lit = tmp_path / "lit"
+    shutil.copytree(run / "step-000000050", lit / "step-000000050")
+    shutil.copytree(run / "step-000000050", lit / "step-000000100")
+    weights = lit / "step-000000100" / "model.safetensors"
+    moved = {k: v + 0.1 if k.startswith("visual.") else v for k, v in load_file(weights).items()}
+    save_file(moved, weights)
+    write_manifest(lit / "step-000000100", step=100, milestone=False)
+    encoded, encode = [], vlp.eval.zeroshot._encode_texts
+
+    def counting(model, tokenizer, texts, device):
+        encoded.append(len(texts))
+        return encode(model, tokenizer, texts, device)
+
+    monkeypatch.setattr(vlp.eval.zeroshot, "_encode_texts", counting)
+    code = main([*eval_args(data, tmp_path / "out", lit), "--all-steps", "--quiet"])
+
+    assert code == 0
+    assert sum(encoded) == 3 * 2  # three classes, two templates: the first checkpoint only
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["checkpoints"]
+    encoded.clear()
+    assert main(eval_args(data, tmp_path / "alone", lit / "step-000000100")) == 0
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    assert sum(encoded) == 3 * 2
+    assert rows[1]["metrics"]["zeroshot"] == pytest.approx(
+        alone["benchmarks"]["zeroshot"]["metrics"]["acc1"])
 
 
 @pytest.mark.parametrize("extra", [[], ["--all-steps"]])

@@ -48,6 +48,9 @@ class LoadedModel:
     (`vlp.eval.cache.decoded_images`); None: share it with none."""
     tokenizer_key: str | None = None
     """What the tokenizer is built from, likewise (its kept tokens, `vlp.eval.cache.tokenize`)."""
+    architecture_key: str | None = None
+    """What the model is built from, less its weights: models with equal keys compute the same
+    features from the same weights (`vlp.eval.cache.keep_text_features`)."""
 
 
 def load_model(
@@ -60,7 +63,8 @@ def load_model(
     else:
         opened = open_checkpoint(_checkpoint_folder(spec), verify=verify)
         loaded = LoadedModel(opened.model, opened.preprocess, opened.tokenizer, str(opened.path),
-                             None, tokenizer_key=json.dumps(opened.spec.text, sort_keys=True))
+                             None, tokenizer_key=json.dumps(opened.spec.text, sort_keys=True),
+                             architecture_key=json.dumps(opened.spec.model_info(), sort_keys=True))
     loaded.model.to(device).eval()
     preprocess_cfg = getattr(getattr(loaded.model, "visual", None), "preprocess_cfg", None)
     if isinstance(preprocess_cfg, dict):
@@ -123,4 +127,5 @@ def load_open_clip_model(spec: str) -> LoadedModel:
     if not weights:
         init_caption_decoder(model)  # a random CoCa's decoder projection is otherwise torch.empty
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), recorded_name,
-                       weights or None, tokenizer_key=f"{OPEN_CLIP_PREFIX}{name}")
+                       weights or None, tokenizer_key=f"{OPEN_CLIP_PREFIX}{name}",
+                       architecture_key=f"{OPEN_CLIP_PREFIX}{recorded_name}")

@@ -9,7 +9,9 @@ when the checkpoints are steps of one run, `plots/steps.png` (headline metrics a
 
 Checkpoints whose transform (or tokenizer) is built from the same configuration share one
 transform (tokenizer) object, so the images decoded and the captions tokenized for the first
-checkpoint are kept for the others (`vlp.eval.cache`). A checkpoint that fails to load (or to
+checkpoint are kept for the others (`vlp.eval.cache`); a checkpoint whose text tower has the
+same architecture and weights as the previous one's (a LiT run: the tower is locked) starts from
+its caption features and encodes no caption again. A checkpoint that fails to load (or to
 evaluate) is reported in one line naming it and skipped: the others still run, its row in the
 summary says what failed, and `vlp eval` exits with status 1.
 """
@@ -21,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +35,8 @@ from vlp.checkpoint import (
     list_checkpoints,
     resolve_checkpoint,
 )
-from vlp.eval.loading import OPEN_CLIP_PREFIX, load_model
+from vlp.eval.cache import keep_text_features, kept_text_features
+from vlp.eval.loading import OPEN_CLIP_PREFIX, LoadedModel, load_model
 from vlp.eval.plots import plot_lines
 from vlp.eval.report import _fmt, _row
 from vlp.eval.results import json_number, write_json
@@ -132,8 +136,7 @@ def evaluate_checkpoints(
     out_dir = Path(out_dir)
     rows = [CheckpointRow(name, checkpoint, checkpoint_of_step(checkpoint))
             for name, checkpoint in zip(folder_names(checkpoints), checkpoints, strict=True)]
-    transforms: dict[str, Callable] = {}
-    tokenizers: dict[str, Callable] = {}
+    shared = _Shared()
     files: dict[str, Path] = {}
     for i, row in enumerate(rows, 1):
         if progress:
@@ -143,24 +146,47 @@ def evaluate_checkpoints(
         except (ValueError, OSError) as err:
             row.error = f"did not load: {_one_line(err)}"
         else:
-            preprocess = _shared(transforms, loaded.preprocess_key, loaded.preprocess)
-            tokenizer = _shared(tokenizers, loaded.tokenizer_key, loaded.tokenizer)
             try:
-                result = evaluate_suite(loaded.model, tokenizer, preprocess, suite,
-                                        out_dir / row.name, device=device,
-                                        model_name=loaded.name, pretrained=loaded.pretrained,
+                row.metrics = _evaluate(loaded, shared, suite, out_dir / row.name, device=device,
                                         step=row.step, progress=progress)
             except ValueError as err:
                 row.error = f"failed: {_one_line(err)}"
-            else:
-                row.metrics = {spec.name: json_number(result.results[spec.name].metrics.get(
-                    TASKS[spec.task].headline, float("nan"))) for spec in suite.benchmarks}
             del loaded  # before the next checkpoint is loaded
         if row.error:
             print(f"vlp eval: error: checkpoint {i} of {len(rows)} ({row.checkpoint}) "
                   f"{row.error}; the others still run", file=sys.stderr, flush=True)
         files = write_summary(rows, suite, out_dir)
     return rows, files
+
+
+@dataclass
+class _Shared:
+    """What one checkpoint's evaluation hands on to the next: one transform and one tokenizer
+    per configuration, and per architecture the caption features of a locked text tower."""
+
+    transforms: dict[str, Callable] = field(default_factory=dict)
+    tokenizers: dict[str, Callable] = field(default_factory=dict)
+    text_features: dict[str, Any] = field(default_factory=dict)
+
+
+def _evaluate(loaded: LoadedModel, shared: _Shared, suite: Suite, out_dir: Path, *,
+              device: torch.device, step: int | None, progress: bool) -> dict[str, float | None]:
+    """Run `suite` on one loaded checkpoint into `out_dir`; its headline metrics."""
+    preprocess = _shared(shared.transforms, loaded.preprocess_key, loaded.preprocess)
+    tokenizer = _shared(shared.tokenizers, loaded.tokenizer_key, loaded.tokenizer)
+    # only evaluated: with no trainable weight, a text tower that hashes the same as the previous
+    # checkpoint's of the same architecture (a LiT run's) encodes no caption again
+    loaded.model.requires_grad_(False)
+    architecture = loaded.architecture_key
+    if architecture is not None:
+        keep_text_features(loaded.model, shared.text_features.get(architecture))
+    result = evaluate_suite(loaded.model, tokenizer, preprocess, suite, out_dir, device=device,
+                            model_name=loaded.name, pretrained=loaded.pretrained, step=step,
+                            progress=progress)
+    if architecture is not None:
+        shared.text_features[architecture] = kept_text_features(loaded.model)
+    return {spec.name: json_number(result.results[spec.name].metrics.get(
+        TASKS[spec.task].headline, float("nan"))) for spec in suite.benchmarks}
 
 
 def _shared(kept: dict[str, Callable], key: str | None, value: Callable) -> Callable:
