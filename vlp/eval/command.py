@@ -62,7 +62,7 @@ def _run_several(args: argparse.Namespace, checkpoints: list[str], suite: Suite,
            else Path("eval-out") / f"{suite.name}-{_runs_label(checkpoints)}")
     rows, files = evaluate_checkpoints(checkpoints, suite, out, device=device,
                                        progress=not args.quiet)
-    print_summary(rows, files)
+    print_summary(rows, suite, files)
     return 1 if any(row.error for row in rows) else 0
 
 

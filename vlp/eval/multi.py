@@ -245,18 +245,18 @@ def _steps_plot(rows: Sequence[CheckpointRow], headlines: dict[str, str], path: 
                       xlabel="training step")
 
 
-def print_summary(rows: Sequence[CheckpointRow], files: dict[str, Path]) -> None:
-    """The summary table on stdout, and where the files are."""
-    names = [name for row in rows for name in row.metrics]
-    benchmarks = list(dict.fromkeys(names))
+def print_summary(rows: Sequence[CheckpointRow], suite: Suite, files: dict[str, Path]) -> None:
+    """The summary table on stdout (a column per benchmark, its headline metric under its name),
+    and where the files are."""
+    headlines = {spec.name: TASKS[spec.task].headline for spec in suite.benchmarks}
+    widths = {name: max(len(name), len(metric), 6) for name, metric in headlines.items()}
     width = max(len("checkpoint"), *(len(row.name) for row in rows))
-    print(f"\n{'checkpoint':<{width}} " + " ".join(f"{b:>14}" for b in benchmarks))
+    print(f"\n{'checkpoint':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in widths.items()))
+    print(f"{'':<{width}}  " + "  ".join(f"{headlines[n]:>{w}}" for n, w in widths.items()))
     for row in rows:
-        if row.error:
-            print(f"{row.name:<{width}} {row.error}")
-        else:
-            print(f"{row.name:<{width}} " + " ".join(f"{_fmt(row.metrics.get(b)):>14}"
-                                                      for b in benchmarks))
+        cells = [row.error or ""] if row.error else [
+            f"{_fmt(row.metrics.get(n)):>{w}}" for n, w in widths.items()]
+        print(f"{row.name:<{width}}  " + "  ".join(cells))
     print(f"\nreport: {files['report']}\nresults: {files['results']}")
     if "plot" in files:
         print(f"plot: {files['plot']}")
