@@ -118,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval", help="evaluate checkpoints: vlp eval --checkpoint CKPT [CKPT ...] [--all-steps] "
-        "[--suite S.yaml | --task T --data PATH]", description="Run an eval suite (default: the shipped shapesworld suite) or "
-        "one benchmark on a vlp checkpoint folder or an open_clip model; writes one JSON per "
-        "benchmark, results.json and report.md (with plots) under --out.")
+        "[--suite S.yaml | --task T --data PATH]", description="Run an eval suite (default: the "
+        "shipped shapesworld suite) or one benchmark on a vlp checkpoint folder or an open_clip "
+        "model; writes one JSON per benchmark, results.json and report.md (with plots) under "
+        "--out. Several checkpoints are evaluated one after another in one process (decoded "
+        "images and tokens kept across them), each into its own subfolder of --out, under a "
+        "summary (results.json, report.md) of every benchmark's headline metric.")
     evaluate.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
                           help="vlp checkpoint or run folder (its latest checkpoint), or "
                           "open_clip:MODEL:WEIGHTS_FILE (open_clip:MODEL:random for a randomly "

@@ -25,8 +25,8 @@ from vlp.eval.tasks import TASKS, resolve_device
 def run_eval_command(args: argparse.Namespace) -> int:
     """Run `vlp eval` with parsed arguments; user errors print one line and return 2. Several
     checkpoints (or `--all-steps`) go to `vlp.eval.multi`; one is evaluated as below."""
-    checkpoints = list(args.checkpoint)
     try:
+        checkpoints = _split_overrides(args)
         if len(checkpoints) > 1 or args.all_steps:
             checkpoints = expand_checkpoints(checkpoints, all_steps=args.all_steps)
         suite = _suite(args)
@@ -64,6 +64,22 @@ def _run_several(args: argparse.Namespace, checkpoints: list[str], suite: Suite,
                                        progress=not args.quiet)
     print_summary(rows, suite, files)
     return 1 if any(row.error for row in rows) else 0
+
+
+def _split_overrides(args: argparse.Namespace) -> list[str]:
+    """The checkpoints given. `--checkpoint CKPT key=value` hands both to --checkpoint (it takes
+    several); a value that names no file and holds `=` is a suite override, as it was when
+    --checkpoint took one value."""
+    checkpoints, overrides = [], []
+    for value in args.checkpoint:
+        is_override = ("=" in value and not value.startswith(OPEN_CLIP_PREFIX)
+                       and not Path(value).exists())
+        (overrides if is_override else checkpoints).append(value)
+    if not checkpoints:
+        raise ValueError(f"--checkpoint: no checkpoint given ({' '.join(overrides)}: suite "
+                         "overrides, as they name no file)")
+    args.overrides = [*overrides, *args.overrides]
+    return checkpoints
 
 
 def _suite(args: argparse.Namespace) -> Suite:
