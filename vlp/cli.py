@@ -117,13 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(
-        "eval", help="evaluate a checkpoint: vlp eval --checkpoint CKPT [--suite S.yaml | --task T "
-        "--data PATH]", description="Run an eval suite (default: the shipped shapesworld suite) or "
-        "one benchmark on a vlp checkpoint folder or an open_clip model; writes one JSON per "
-        "benchmark, results.json and report.md (with plots) under --out.")
-    evaluate.add_argument("--checkpoint", required=True,
-                          help="vlp checkpoint or run folder, or open_clip:MODEL:WEIGHTS_FILE "
-                          "(open_clip:MODEL:random for a randomly initialised model)")
+        "eval", help="evaluate checkpoints: vlp eval --checkpoint CKPT [CKPT ...] [--all-steps] "
+        "[--suite S.yaml | --task T --data PATH]", description="Run an eval suite (default: the "
+        "shipped shapesworld suite) or one benchmark on a vlp checkpoint folder or an open_clip "
+        "model; writes one JSON per benchmark, results.json and report.md (with plots) under "
+        "--out. Several checkpoints are evaluated one after another in one process (decoded "
+        "images and tokens kept across them), each into its own subfolder of --out, under a "
+        "summary (results.json, report.md) of every benchmark's headline metric.")
+    evaluate.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+                          help="vlp checkpoint or run folder (its latest checkpoint), or "
+                          "open_clip:MODEL:WEIGHTS_FILE (open_clip:MODEL:random for a randomly "
+                          "initialised model); several are evaluated one after another in one "
+                          "process, each into its own subfolder of --out, with a summary on top")
+    evaluate.add_argument("--all-steps", action="store_true",
+                          help="a run folder given to --checkpoint stands for every step-N "
+                          "checkpoint in it, in step order, instead of its latest")
     what = evaluate.add_mutually_exclusive_group()
     what.add_argument("--suite", help="suite YAML, or a shipped suite's name: "
                       f"{', '.join(resources.suites())} (default: shapesworld)")

@@ -14,6 +14,8 @@ from vlp.cli import build_parser, main
         (["--task", "sugarcrepe"], "--task sugarcrepe needs --data PATH"),
         (["--data", "x"], "--data and --option go with --task"),
         (["--task", "aro", "--data", "x", "batch_size=3"], "suite overrides, --path and --only"),
+        # after --checkpoint (which takes several values), still an override
+        (["batch_size=3", "--task", "aro", "--data", "x"], "suite overrides, --path and --only"),
         (["--task", "aro", "--data", "/nonexistent/aro"], "--data: /nonexistent/aro does not exist"),
         (["--task", "winoground", "--data", "."], "unknown eval task 'winoground'"),
         (["--task", "order", "--data", ".", "--option", "seed"], "--option 'seed': expected"),

@@ -29,7 +29,8 @@ ShapesWorld suite's CPU time). Two more things outlive it, for the same reason:
 - caption features of a locked text tower: when every parameter of the model's text tower is
   frozen (LiT, `vlp.models.locking`), a suite run starts from the features of the model's
   previous run, provided the tower's weights hash the same (`text_tower_fingerprint`) and the
-  tokenizer and device are the same; otherwise it starts empty.
+  tokenizer and device are the same; otherwise it starts empty. `keep_text_features` hands them
+  on to another model of the same architecture (`vlp eval` on several checkpoints of a run).
 """
 
 from __future__ import annotations
@@ -260,3 +261,24 @@ def locked_text_features(model: Any, tokenizer: Any, device: Any) -> dict[str, t
     kept = _TextFeatures(fingerprint, tokenizer_ref, str(device), {})
     _LOCKED_TEXTS[model] = kept
     return kept.texts
+
+
+def kept_text_features(model: Any) -> Any:
+    """What is kept for `model`'s locked text tower (an opaque object, or None), for
+    `keep_text_features` to hand to another model."""
+    try:
+        return _LOCKED_TEXTS.get(model)
+    except TypeError:
+        return None
+
+
+def keep_text_features(model: Any, kept: Any) -> None:
+    """Let `model` start from the caption features `kept_text_features` returned for another
+    model: another checkpoint of the same architecture (the caller vouches for that: the
+    fingerprint covers the tower's weights, not its code). They are used only if `model`'s text
+    tower is locked and hashes the same, with the same tokenizer object and device."""
+    if kept is not None:
+        try:
+            _LOCKED_TEXTS[model] = kept
+        except TypeError:
+            pass

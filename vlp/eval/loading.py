@@ -14,6 +14,7 @@ safetensors after checking them against the checkpoint's manifest: nothing is un
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,15 @@ class LoadedModel:
     """The `model` field of result JSONs: the checkpoint folder or the open_clip name."""
     pretrained: str | None
     """The `pretrained` field of result JSONs: the weights file, None for a random init."""
+    preprocess_key: str | None = None
+    """What the transform is built from (open_clip's final preprocessing config): models with
+    equal keys can share one transform object, and with it its decoded images
+    (`vlp.eval.cache.decoded_images`); None: share it with none."""
+    tokenizer_key: str | None = None
+    """What the tokenizer is built from, likewise (its kept tokens, `vlp.eval.cache.tokenize`)."""
+    architecture_key: str | None = None
+    """What the model is built from, less its weights: models with equal keys compute the same
+    features from the same weights (`vlp.eval.cache.keep_text_features`)."""
 
 
 def load_model(
@@ -53,8 +63,12 @@ def load_model(
     else:
         opened = open_checkpoint(_checkpoint_folder(spec), verify=verify)
         loaded = LoadedModel(opened.model, opened.preprocess, opened.tokenizer, str(opened.path),
-                             None)
+                             None, tokenizer_key=json.dumps(opened.spec.text, sort_keys=True),
+                             architecture_key=json.dumps(opened.spec.model_info(), sort_keys=True))
     loaded.model.to(device).eval()
+    preprocess_cfg = getattr(getattr(loaded.model, "visual", None), "preprocess_cfg", None)
+    if isinstance(preprocess_cfg, dict):
+        loaded.preprocess_key = json.dumps(preprocess_cfg, sort_keys=True, default=str)
     return loaded
 
 
@@ -113,4 +127,5 @@ def load_open_clip_model(spec: str) -> LoadedModel:
     if not weights:
         init_caption_decoder(model)  # a random CoCa's decoder projection is otherwise torch.empty
     return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), recorded_name,
-                       weights or None)
+                       weights or None, tokenizer_key=f"{OPEN_CLIP_PREFIX}{name}",
+                       architecture_key=f"{OPEN_CLIP_PREFIX}{recorded_name}")

@@ -146,3 +146,26 @@ def _chance_label(levels: Mapping[str, float | None]) -> str:
     ordered = sorted(groups.items(), key=lambda item: len(item[1]))
     parts = [f"{level:g} for {', '.join(names)}" for level, names in ordered[:-1]]
     return "chance " + "; ".join([*parts, f"{ordered[-1][0]:g} for the rest"])
+
+
+def plot_lines(
+    series: Mapping[str, list[tuple[float, float]]],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str,
+) -> Path:
+    """One line with markers per named series of (x, y) points, e.g. headline metrics against
+    the training step; the legend sits outside the axes."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    for label, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
+    return _save(fig, Path(path))
