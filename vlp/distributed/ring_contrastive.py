@@ -601,7 +601,7 @@ class _RingSoftTargets(torch.autograd.Function):
                 def targets(i: slice, j: slice, logits: Tensor, scratch: Tensor) -> None:
                     w = weight(torch.mm(rows_q[i], columns_q[j].T, out=scratch))
                     norm[i] += w.sum(1)
-                    w_logits = w.mul_(logits)
+                    w_logits = torch.mul(w, logits, out=scratch)  # the cosines are used up
                     row_target[i] += w_logits.sum(1)
                     col_target[j] += w_logits.sum(0)
 
@@ -734,7 +734,7 @@ def ring_weighted_clip_loss(
     halved. One ring pass over the text blocks (with their weight features) gives, for this
     rank's rows and columns, both LSEs, both target sums and the normalisers
     (`_RingSoftTargets`); the loss combines them with autograd. b, D, D' must be equal on every
-    rank.
+    rank (D' is not compared: the objectives pass one of the two feature sets).
 
     Returns the loss (same value on every rank); gradients as `ring_clip_loss` (W × this
     rank's share). Memory: O(b·(D + D') + tile_size²) per rank, never (b, B).
