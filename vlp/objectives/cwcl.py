@@ -35,9 +35,9 @@ are the locked tower's own embeddings only when nothing trainable sits between t
 and the loss, so the recipe check (`check_recipe`) refuses, with one line, a `weights_from`
 modality that is not fully locked, and a transformers text tower with a trainable projection
 (`model.hf_text_proj` other than none): the weights would then move with training. Backends:
-local and gather; ring refuses (its tiled backward has one positive per row): the recipe
-check refuses `loss.backend: ring`, and building the objective on a ring backend (`auto` on
-several processes) raises a one-line ConfigError.
+all three (`weighted_softmax`); on ring, one pass over the column blocks, which carry their
+weight features so that each tile's weights are formed there, gives both directions'
+log-sum-exps, target sums and normalisers (`ring_weighted_clip_loss`, docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlp.config import ConfigError
-from vlp.distributed.backends import RING_NO_SOFT_TARGETS
 from vlp.objectives.registry import register
 
 
@@ -115,19 +113,13 @@ class CwclObjective(nn.Module):
 
     @staticmethod
     def check_recipe(cfg: Config, run: Any) -> None:
-        """Raise ValueError (one line) unless `run`'s model locks the `weights_from` tower and
-        its backend can carry soft targets."""
+        """Raise ValueError (one line) unless `run`'s model locks the `weights_from` tower."""
         problem = LOCKED[cfg.weights_from](run.model)
         if problem is not None:
             raise ValueError(f"objective cwcl (weights_from: {cfg.weights_from}) {problem}")
-        if run.loss.backend == "ring":
-            raise ValueError(f"objective cwcl: {RING_NO_SOFT_TARGETS}")
 
     def __init__(self, cfg: Config, *, backend: Any):
         super().__init__()
-        if backend.name == "ring":  # a ConfigError: `vlp train` says it in one line
-            raise ConfigError(f"objective cwcl: {RING_NO_SOFT_TARGETS} (loss.backend auto "
-                              "picks ring on several processes)")
         self.cfg = cfg
         self.backend = backend
 
