@@ -246,6 +246,7 @@ def ddp_rank(rank: int, store_dir: str) -> None:
             results[f"{objective_name}-{backend}"] = {
                 "loss": terms["loss"], "grads": gradients(model.module),
                 "reductions": reductions}
+        dist.barrier()  # as tests/distributed/harness.py: no teardown while a peer still works
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
