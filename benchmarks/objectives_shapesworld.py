@@ -202,6 +202,7 @@ def build_table(runs: Sequence[Mapping[str, Any]]) -> str:
 def plot_summary(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Grouped bars (one colour per objective, error bars = std over seeds): accuracies on the
     left, the modality gap on the right."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -212,19 +213,22 @@ def plot_summary(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
     fig = Figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [len(accuracy), 1.6]})
     width = 0.8 / max(1, len(objectives))
+    colours = colormaps["tab10" if len(objectives) <= 10 else "tab20"].colors  # one per objective
     for panel, columns in zip(axes, (accuracy, gap), strict=True):
         for k, objective in enumerate(objectives):
             cells = [summary[objective].get(c.header) for c in columns]
             xs = [i + (k - (len(objectives) - 1) / 2) * width for i in range(len(columns))]
             panel.bar(xs, [math.nan if s is None else s.mean for s in cells], width,
                       yerr=[0.0 if s is None or s.std is None else s.std for s in cells],
-                      capsize=2, label=objective)
+                      capsize=2, label=objective, color=colours[k % len(colours)])
         panel.set_xticks(range(len(columns)))
         panel.set_xticklabels([c.header for c in columns], rotation=30, ha="right")
     axes[0].axhline(0.5, linestyle="--", color="gray", linewidth=1)
     axes[0].set_ylim(0, 1)
     axes[0].set_ylabel("accuracy (SugarCrepe chance = 0.5)")
-    axes[0].legend(loc="lower left", fontsize="small")
+    # one row of entries above the bars: a legend inside the axes covered some of them
+    axes[0].legend(loc="lower left", bbox_to_anchor=(0, 1.02), ncol=min(len(objectives), 5),
+                   fontsize="small", frameon=False)
     axes[1].set_ylabel("‖mean image − mean text‖")
     FigureCanvasAgg(fig)
     fig.tight_layout()

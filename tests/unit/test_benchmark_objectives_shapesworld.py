@@ -118,6 +118,26 @@ def test_plot_writes_a_png(bench, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_gives_each_objective_its_colour_and_keeps_the_legend_off_the_bars(bench, tmp_path,
+                                                                               monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), original(fig, *a, **k))[1])
+    names = [f"objective{k}" for k in range(12)]
+    runs = [fake_run(name, 0, seen=0.9, swap_att=0.9, gap=0.5) for name in names]
+    bench.plot_summary(runs, tmp_path / "objectives.png")
+    accuracy_axes = figures[0].axes[0]
+    bars = [patch for patch in accuracy_axes.patches if patch.get_height() > 0]
+    assert len({patch.get_facecolor() for patch in bars}) == len(names)
+    renderer = figures[0].canvas.get_renderer()
+    legend = accuracy_axes.get_legend().get_window_extent(renderer)
+    assert [t.get_text() for t in accuracy_axes.get_legend().get_texts()] == names
+    assert all(legend.y0 >= patch.get_window_extent(renderer).y1 for patch in bars)
+
+
 def test_default_seeds_are_not_the_seed_the_recipes_were_chosen_on(bench):
     from vlp.config import load_config
 
