@@ -106,6 +106,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if report["num_corrupt"] else 0
 
 
+def _add_caption_annotation_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options `negatives` and `rewrites` share: both copy shards, adding `what` (that
+    many at most per caption) to each sample's json."""
+    parser.add_argument("--shards", required=True, help="shard spec, e.g. d/{000..009}.tar")
+    parser.add_argument("--out", required=True, help="output folder (same shard names)")
+    parser.add_argument("--num", type=int, default=3, help=f"{what} per caption (at most)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spacy", metavar="MODEL", help="spaCy pipeline, e.g. en_core_web_sm")
+    parser.add_argument("--workers", type=int, help="processes (default: one per core)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_shards_commands(shards_sub: argparse._SubParsersAction) -> None:
     build = shards_sub.add_parser(
         "build", help="image folder (+ .txt captions), CSV/TSV/parquet or HF dataset -> shards",
@@ -133,13 +145,7 @@ def add_shards_commands(shards_sub: argparse._SubParsersAction) -> None:
         "json (replacing any already there): swapped noun phrases/adjectives/nouns, replaced "
         "relations/attributes, shuffled words. Rule-based; --spacy MODEL parses with an "
         "installed spaCy pipeline instead.")
-    negatives.add_argument("--shards", required=True, help="shard spec, e.g. d/{000..009}.tar")
-    negatives.add_argument("--out", required=True, help="output folder (same shard names)")
-    negatives.add_argument("--num", type=int, default=3, help="negatives per caption (at most)")
-    negatives.add_argument("--seed", type=int, default=0)
-    negatives.add_argument("--spacy", metavar="MODEL", help="spaCy pipeline, e.g. en_core_web_sm")
-    negatives.add_argument("--workers", type=int, help="processes (default: one per core)")
-    negatives.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_caption_annotation_args(negatives, "negatives")
     negatives.set_defaults(func=cmd_negatives)
 
     rewrite = shards_sub.add_parser(
@@ -149,13 +155,7 @@ def add_shards_commands(shards_sub: argparse._SubParsersAction) -> None:
         "adjective left out, two noun phrases joined by 'and' swapped, a spatial relation "
         "inverted), for data.captions: sample | all. --spacy MODEL parses with an installed "
         "spaCy pipeline instead.")
-    rewrite.add_argument("--shards", required=True, help="shard spec, e.g. d/{000..009}.tar")
-    rewrite.add_argument("--out", required=True, help="output folder (same shard names)")
-    rewrite.add_argument("--num", type=int, default=3, help="rewrites per caption (at most)")
-    rewrite.add_argument("--seed", type=int, default=0)
-    rewrite.add_argument("--spacy", metavar="MODEL", help="spaCy pipeline, e.g. en_core_web_sm")
-    rewrite.add_argument("--workers", type=int, help="processes (default: one per core)")
-    rewrite.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_caption_annotation_args(rewrite, "rewrites")
     rewrite.set_defaults(func=cmd_rewrites)
 
     inspect = shards_sub.add_parser("inspect", help="count samples and show a few")
