@@ -1,9 +1,10 @@
-"""Why an objective does or does not show its effect on ShapesWorld: four measurements.
+"""Why an objective does or does not show its effect on ShapesWorld: five measurements.
 
     python benchmarks/shapesworld_diagnostics.py kinds [--samples 4000] [--num-negatives 3]
     python benchmarks/shapesworld_diagnostics.py forms [--samples 2000]
     python benchmarks/shapesworld_diagnostics.py probe RUN_OR_random [--scenes 3000]
     python benchmarks/shapesworld_diagnostics.py negatives RUN_OR_random [--samples 1000]
+    python benchmarks/shapesworld_diagnostics.py pairs RUN_OR_random [--samples 2048] [--batch-size 128]
 
 - `kinds`: which hard-negative kinds the sampled negatives of a training caption contain (the
   data pipeline's `pick_negatives`, as negclip training draws them), per kind and how often a
@@ -17,6 +18,10 @@
   (4 classes, 25%). A run folder, or `random` for the untrained tower (`--model`).
 - `negatives`: on training samples, per kind, how often the model scores the caption above
   the hard negative (image-to-text cosine): what negclip's extra columns ask of it.
+- `pairs`: in training batches, how each image relates to the batch's captions (its own, one
+  naming the same objects, one sharing an object, none), their mean cosine and the share of
+  the run's loss each kind carries (softmax mass for clip; the sigmoid terms for siglip, at the
+  run's learned temperature and bias): where a loss spends itself.
 """
 
 from __future__ import annotations
@@ -188,6 +193,68 @@ def training_negatives(run: str, samples: int, model_name: str) -> dict[str, flo
             for kind in NEGATIVE_KINDS if total[kind]}
 
 
+def _names(scene) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((o.color, o.shape) for o in scene.objects))
+
+
+PAIR_KINDS = ("matched", "same names", "one name shared", "disjoint")
+"""How an image and another sample's caption in its batch relate: the caption is its own
+(`matched`), names the same colour-shape objects (`same names`: naming alone cannot reject
+it; it differs only in sizes, relation or wording), shares one colour-shape object, or none."""
+
+
+def _pair_kind(a, b) -> str:
+    if a == b:
+        return "same names"
+    return "one name shared" if set(a) & set(b) else "disjoint"
+
+
+def batch_pairs(run: str, samples: int, batch: int, model_name: str) -> dict[str, str]:
+    """On training batches of `batch` samples: per image, how many of the batch's other
+    captions are of each `PAIR_KINDS`, their mean cosine, and the share each kind takes of the
+    run's own loss: softmax probability mass (clip) or the sigmoid terms' sum (siglip, with the
+    model's learned temperature and bias)."""
+    import torch
+
+    encoder, preprocess, tokenizer = _encoder(run, model_name)
+    data = [make_train_sample(i, seed=0) for i in range(samples - samples % batch)]
+    x = torch.from_numpy(_embed_images(encoder, preprocess, [render_image(s.scene) for s in data]))
+    with torch.no_grad():
+        y = torch.cat([encoder.encode_text(tokenizer([s.caption for s in data[i:i + batch]]))
+                       for i in range(0, len(data), batch)])
+        scale = encoder.logit_scale.exp().item()
+        bias = getattr(encoder.model, "logit_bias", None)
+    bias = None if bias is None else float(bias)
+    count: collections.Counter = collections.Counter()
+    cos: collections.Counter = collections.Counter()
+    share: collections.Counter = collections.Counter()
+    for start in range(0, len(data), batch):
+        names = [_names(s.scene) for s in data[start:start + batch]]
+        sims = x[start:start + batch] @ y[start:start + batch].T
+        logits = scale * sims
+        if bias is None:  # softmax over the row: each caption's probability
+            weight = logits.softmax(dim=1)
+        else:  # each pair's own sigmoid loss term
+            labels = 2 * torch.eye(len(names)) - 1
+            weight = -torch.nn.functional.logsigmoid(labels * (logits + bias))
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                kind = "matched" if i == j else _pair_kind(a, b)
+                count[kind] += 1
+                cos[kind] += float(sims[i, j])
+                share[kind] += float(weight[i, j])
+    rows = len(data)
+    total = sum(share.values())
+    what = "softmax mass" if bias is None else "share of the sigmoid loss"
+    out = {"temperature (logit scale)": f"{scale:.2f}"
+           + ("" if bias is None else f", bias {bias:.2f} (a pair scores positive above "
+                                       f"cosine {-bias / scale:.3f})")}
+    for kind in PAIR_KINDS:
+        out[kind] = (f"{count[kind] / rows:.2f} per row, mean cosine {cos[kind] / count[kind]:.3f}, "
+                     f"{what} {share[kind] / total:.3f}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,12 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds.add_argument("--num-negatives", type=int, default=3)
     forms = sub.add_parser("forms")
     forms.add_argument("--samples", type=int, default=2000)
-    for name, default in (("probe", 3000), ("negatives", 1000)):
+    for name, default in (("probe", 3000), ("negatives", 1000), ("pairs", 2048)):
         p = sub.add_parser(name)
         p.add_argument("run", help="a run or checkpoint folder, or 'random'")
         p.add_argument("--model", default="vlp-tiny-rn", help="architecture for 'random'")
         p.add_argument("--scenes" if name == "probe" else "--samples", type=int,
                        default=default, dest="count")
+        if name == "pairs":
+            p.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args(argv)
     if args.command == "kinds":
         result = kind_rates(args.samples, args.num_negatives)
@@ -209,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = swap_forms(args.samples)
     elif args.command == "probe":
         result = binding_probe(args.run, args.count, args.model)
+    elif args.command == "pairs":
+        result = batch_pairs(args.run, args.count, args.batch_size, args.model)
     else:
         result = training_negatives(args.run, args.count, args.model)
     for key, value in result.items():
