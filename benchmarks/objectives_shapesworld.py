@@ -419,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     data_root, recipe_models = prepare_data(args.cache_dir)
-    models = sorted({args.model} if args.model else set(recipe_models.values()))
+    models = sorted({args.model} if args.model else {recipe_models[o] for o in args.objectives})
     suite = load_suite(SUITE, paths={"shapesworld": str(data_root)}, only=SUITE_BENCHMARKS,
                        overrides=[f"benchmarks.sugarcrepe.options.subsets={args.subsets}"],
                        progress=False)
