@@ -38,7 +38,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum is not None:  # Ctrl-C while stopping
-            self.uninstall()  # a third Ctrl-C gets Python's default handling
+            self.uninstall()  # a third Ctrl-C does what it did before the run
             raise KeyboardInterrupt
         if self.signum is None:
             self.signum = signum
