@@ -114,20 +114,39 @@ def test_a_signal_to_the_process_group_saves_a_checkpoint_that_resumes(tmp_path,
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")][-1] == step + 1
 
 
-def test_a_second_ctrl_c_exits_at_once_with_one_line(tmp_path, cache):
-    run_dir = tmp_path / "run"
+# `vlp train` whose checkpoint save is stuck: it touches the marker file, then sleeps
+STUCK_SAVE = """
+import pathlib, sys, time
+from vlp import cli
+from vlp.train.trainer import Trainer
+
+def stuck_save(self):
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(300)
+    return False
+
+Trainer.save = stuck_save
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_second_ctrl_c_while_saving_exits_at_once_with_one_line(tmp_path, cache):
+    run_dir, saving = tmp_path / "run", tmp_path / "saving"
     args = train_args(run_dir, cache, "train.steps=100000", "checkpoint.every=100000")
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_SAVE, str(saving), *args[3:]],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     deadline = time.time() + 240
     while logged_steps(run_dir) < 1:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # before the step ends (steps take longer)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT
+    while not saving.exists():  # the first Ctrl-C ends the step and starts the (stuck) save
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)  # well before the stuck save would return
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "stopping after this step; Ctrl-C again to exit now" in err
     assert "\nvlp train: interrupted\n" in err, err[-3000:]
     assert "Traceback" not in err and "stopped by signal" not in out + err
