@@ -1,10 +1,11 @@
-"""Why an objective does or does not show its effect on ShapesWorld: five measurements.
+"""Why an objective does or does not show its effect on ShapesWorld: six measurements.
 
     python benchmarks/shapesworld_diagnostics.py kinds [--samples 4000] [--num-negatives 3]
     python benchmarks/shapesworld_diagnostics.py forms [--samples 2000]
     python benchmarks/shapesworld_diagnostics.py probe RUN_OR_random [--scenes 3000]
     python benchmarks/shapesworld_diagnostics.py negatives RUN_OR_random [--samples 1000]
     python benchmarks/shapesworld_diagnostics.py pairs RUN_OR_random [--samples 2048] [--batch-size 128]
+    python benchmarks/shapesworld_diagnostics.py geometry RUN_OR_random [--samples 1024] [--seed 0]
 
 - `kinds`: which hard-negative kinds the sampled negatives of a training caption contain (the
   data pipeline's `pick_negatives`, as negclip training draws them), per kind and how often a
@@ -22,6 +23,11 @@
   naming the same objects, one sharing an object, none), their mean cosine and the share of
   the run's loss each kind carries (softmax mass for clip; the sigmoid terms for siglip, at the
   run's learned temperature and bias): where a loss spends itself.
+- `geometry`: where each modality's embeddings sit on the sphere: the norm of each mean
+  (‖μ‖ near 1: every input maps to nearly the same direction, a collapsed tower), the angle
+  between the two means, the gap ‖μx − μy‖, matched and unmatched cosines, and the cosine of a
+  matched pair once each modality's mean is removed (what the pair shares beyond the offset).
+  `random` is the untrained model of `--model`, initialised with `--seed`.
 """
 
 from __future__ import annotations
@@ -107,14 +113,14 @@ def swap_forms(samples: int) -> dict[str, dict[str, float]]:
             for name, c in (("train", train), ("eval", evaluation))}
 
 
-def _encoder(run: str, model_name: str):
+def _encoder(run: str, model_name: str, seed: int = 0):
     import torch
 
     if run == "random":
         from vlp.models import build_tokenizer, create_model, model_spec
         from vlp.models.loading import Encoder
 
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         spec = model_spec(model_name)
         model, _, preprocess = create_model(spec)
         return Encoder(model, spec).eval(), preprocess, build_tokenizer(spec.text)
@@ -255,6 +261,38 @@ def batch_pairs(run: str, samples: int, batch: int, model_name: str) -> dict[str
     return out
 
 
+def embedding_geometry(x, y) -> dict[str, float]:
+    """Geometry of matched, L2-normalised embeddings x[i] <-> y[i] (torch tensors, (N, D))."""
+    import torch
+
+    mx, my = x.mean(0), y.mean(0)
+    sims = x @ y.T
+    off_diagonal = ~torch.eye(len(x), dtype=torch.bool)
+    residual = torch.nn.functional.cosine_similarity(x - mx, y - my, dim=1)
+    return {"image mean norm ‖μx‖": float(mx.norm()), "text mean norm ‖μy‖": float(my.norm()),
+            "cos(μx, μy)": float(torch.nn.functional.cosine_similarity(mx, my, dim=0)),
+            "gap ‖μx − μy‖": float((mx - my).norm()),
+            "matched cosine": float(sims.diagonal().mean()),
+            "unmatched cosine": float(sims[off_diagonal].mean()),
+            "matched cosine after removing each mean": float(residual.mean())}
+
+
+def geometry(run: str, samples: int, model_name: str, seed: int) -> dict[str, float]:
+    """`embedding_geometry` of a run (or an untrained model) on the first `samples` training
+    samples of data seed 0."""
+    import torch
+
+    encoder, preprocess, tokenizer = _encoder(run, model_name, seed)
+    if run == "random":  # as training sees it: BatchNorm on batch statistics, not on the
+        encoder.train()  # untrained running ones (which map every image to one point)
+    data = [make_train_sample(i, seed=0) for i in range(samples)]
+    x = torch.from_numpy(_embed_images(encoder, preprocess, [render_image(s.scene) for s in data]))
+    with torch.no_grad():
+        y = torch.cat([encoder.encode_text(tokenizer([s.caption for s in data[i:i + 256]]))
+                       for i in range(0, len(data), 256)])
+    return embedding_geometry(x, y)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds.add_argument("--num-negatives", type=int, default=3)
     forms = sub.add_parser("forms")
     forms.add_argument("--samples", type=int, default=2000)
-    for name, default in (("probe", 3000), ("negatives", 1000), ("pairs", 2048)):
+    for name, default in (("probe", 3000), ("negatives", 1000), ("pairs", 2048),
+                          ("geometry", 1024)):
         p = sub.add_parser(name)
         p.add_argument("run", help="a run or checkpoint folder, or 'random'")
         p.add_argument("--model", default="vlp-tiny-rn", help="architecture for 'random'")
@@ -271,17 +310,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                        default=default, dest="count")
         if name == "pairs":
             p.add_argument("--batch-size", type=int, default=128)
+        if name == "geometry":
+            p.add_argument("--seed", type=int, default=0, help="initialisation of 'random'")
     args = parser.parse_args(argv)
-    if args.command == "kinds":
-        result = kind_rates(args.samples, args.num_negatives)
-    elif args.command == "forms":
-        result = swap_forms(args.samples)
-    elif args.command == "probe":
-        result = binding_probe(args.run, args.count, args.model)
-    elif args.command == "pairs":
-        result = batch_pairs(args.run, args.count, args.batch_size, args.model)
-    else:
-        result = training_negatives(args.run, args.count, args.model)
+    commands = {
+        "kinds": lambda: kind_rates(args.samples, args.num_negatives),
+        "forms": lambda: swap_forms(args.samples),
+        "probe": lambda: binding_probe(args.run, args.count, args.model),
+        "negatives": lambda: training_negatives(args.run, args.count, args.model),
+        "pairs": lambda: batch_pairs(args.run, args.count, args.batch_size, args.model),
+        "geometry": lambda: geometry(args.run, args.count, args.model, args.seed),
+    }
+    result = commands[args.command]()
     for key, value in result.items():
         print(f"{key}: {f'{value:.3f}' if isinstance(value, float) else value}")
     return 0
