@@ -4,6 +4,7 @@ any other objective below by name.
     python benchmarks/objectives_shapesworld.py [--steps 300] [--seeds 1 2] [--batch-size 128]
         [--out DIR] [--objectives clip siglip ...] [--subsets swap_att ...] [--jobs 2]
         [--cache-dir ~/.cache/vlp] [--model NAME] [--eval-batch-size N]
+    python benchmarks/objectives_shapesworld.py --merge A/results.json B/results.json --out DIR
 
 Each objective trains the tiny model on ShapesWorld from its own tiny recipe, the one users run:
 
@@ -60,7 +61,9 @@ With `--out DIR` it also writes `results.json` (every run's every metric), `tabl
 `objectives.png`. Each run keeps its folder under `DIR/runs/<objective>-seed<k>/` with the
 suite's report; a run whose settings (recipe contents, steps, batch size, seed, data) are
 unchanged is not trained again, so `--seeds 0 1` after `--seeds 0` trains only seed 1 (and
-other `--subsets` only re-evaluate).
+other `--subsets` only re-evaluate). `--merge A/results.json B/results.json --out DIR` trains
+nothing and writes one table, json and plot from the runs of several invocations (made in
+pieces, or on several machines; same steps and batch size, each run in one file only).
 """
 
 from __future__ import annotations
@@ -402,6 +405,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         default=list(SUGARCREPE_SUBSETS),
                         help="SugarCrepe-format subsets to score (each costs ~4k caption "
                              "encodings per run)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="train nothing: one table, json and plot in --out from the "
+                             "results.json of earlier invocations")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each a `vlp train` process (on a CPU, "
                              "with OMP_NUM_THREADS=1, as many as cores)")
@@ -413,34 +419,77 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
+    """One results document from the `results.json` of several invocations (runs made in
+    pieces or on other machines): their steps and batch size must agree, and an (objective,
+    seed) may come from one file only."""
+    docs = {path: json.loads(Path(path).read_text()) for path in paths}
+    for key in ("steps", "batch_size"):
+        values = {path: doc[key] for path, doc in docs.items()}
+        if len(set(values.values())) > 1:
+            raise SystemExit(f"--merge: the files differ in {key}: {values}")
+    runs, origin = [], {}
+    for path, doc in docs.items():
+        for run in doc["runs"]:
+            key = (run["objective"], run["seed"])
+            if key in origin:
+                raise SystemExit(f"--merge: {key[0]} seed {key[1]} is in both {origin[key]} "
+                                 f"and {path}")
+            origin[key] = path
+            runs.append(run)
+    order = list(RECIPES)
+    runs.sort(key=lambda run: (order.index(run["objective"]), run["seed"]))
+    first = next(iter(docs.values()))
+    return {"models": sorted({m for doc in docs.values() for m in doc["models"]}),
+            "steps": first["steps"], "batch_size": first["batch_size"],
+            "seeds": sorted({run["seed"] for run in runs}),
+            "data": sorted({doc["data"] for doc in docs.values()}),
+            "suite": first["suite"], "merged_from": [str(path) for path in docs], "runs": runs}
+
+
+def write_results(results: dict[str, Any], out: Path) -> str:
+    """`table.md`, `results.json` (with the summary) and `objectives.png` in `out`; the
+    table with its heading."""
+    runs = results["runs"]
+    data = results["data"] if isinstance(results["data"], list) else [results["data"]]
+    heading = (f"{', '.join(results['models'])} on ShapesWorld "
+               f"({', '.join(Path(d).name for d in data)}): {results['steps']} steps of "
+               f"batch {results['batch_size']}, seeds {' '.join(map(str, results['seeds']))}; "
+               "accuracies in %, mean ± std over seeds")
+    text = f"{heading}\n\n{build_table(runs)}\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    summary = {o: {h: dataclasses.asdict(s) for h, s in cols.items()}
+               for o, cols in summarize_runs(runs).items()}
+    results = {**{k: v for k, v in results.items() if k != "runs"}, "summary": summary,
+               "runs": runs}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_summary(runs, out / "objectives.png")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    start = time.perf_counter()
+    if args.merge:
+        text = write_results(merge_results(args.merge), args.out)
+        print(f"\n{text}\nwrote {args.out / 'results.json'}, {args.out / 'table.md'}, "
+              f"{args.out / 'objectives.png'}")
+        return 0
     from vlp.eval import load_suite
 
-    start = time.perf_counter()
     data_root, recipe_models = prepare_data(args.cache_dir)
     models = sorted({args.model} if args.model else {recipe_models[o] for o in args.objectives})
     suite = load_suite(SUITE, paths={"shapesworld": str(data_root)}, only=SUITE_BENCHMARKS,
                        overrides=[f"benchmarks.sugarcrepe.options.subsets={args.subsets}"],
                        progress=False)
     runs = run_all(args, suite, data_root)
-    table = build_table(runs)
-    heading = (f"{', '.join(models)} on ShapesWorld ({data_root.name}): {args.steps} steps of "
-               f"batch {args.batch_size}, seeds {' '.join(map(str, args.seeds))}; accuracies in %, "
-               "mean ± std over seeds")
-    print(f"\n{heading}\n\n{table}\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(f"{heading}\n\n{table}\n")
     results = {"models": models, "steps": args.steps, "batch_size": args.batch_size,
-               "seeds": args.seeds,
-               "data": str(data_root), "suite": str(SUITE.relative_to(REPO)),
-               "summary": {o: {h: dataclasses.asdict(s) for h, s in cols.items()}
-                           for o, cols in summarize_runs(runs).items()},
-               "runs": runs}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    plot = plot_summary(runs, args.out / "objectives.png")
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'table.md'}, {plot} "
-          f"({time.perf_counter() - start:.0f} s in all)")
+               "seeds": args.seeds, "data": str(data_root),
+               "suite": str(SUITE.relative_to(REPO)), "runs": runs}
+    text = write_results(results, args.out)
+    print(f"\n{text}\nwrote {args.out / 'results.json'}, {args.out / 'table.md'}, "
+          f"{args.out / 'objectives.png'} ({time.perf_counter() - start:.0f} s in all)")
     return 0
 
 

@@ -185,3 +185,46 @@ def test_runs_train_jobs_at_a_time_and_a_trained_run_is_reused(bench, tmp_path, 
 def test_jobs_must_be_positive(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--jobs", "0"])
+
+
+def results_file(path: Path, runs: list[dict], *, steps: int = 600) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"models": ["vlp-tiny-rn"], "steps": steps, "batch_size": 128,
+                                "seeds": sorted({r["seed"] for r in runs}),
+                                "data": "/cache/shapesworld-x", "suite": "eval/suites/s.yaml",
+                                "runs": runs}))
+    return path
+
+
+def test_merge_builds_one_table_from_runs_made_in_pieces(bench, tmp_path):
+    import json
+
+    first = results_file(tmp_path / "a" / "results.json",
+                         [fake_run("negclip", 2, seen=1.0, swap_att=0.9, gap=0.07)])
+    second = results_file(tmp_path / "b" / "results.json",
+                          [fake_run("negclip", 1, seen=1.0, swap_att=0.92, gap=0.08),
+                           fake_run("clip", 1, seen=1.0, swap_att=0.6, gap=0.06)])
+    out = tmp_path / "merged"
+    assert bench.main(["--merge", str(first), str(second), "--out", str(out)]) == 0
+    table = rows((out / "table.md").read_text().split("\n\n")[1])
+    assert list(table) == ["clip", "negclip"]  # the benchmark's order, not the files'
+    assert table["negclip"]["seeds"] == "2"
+    assert table["negclip"]["swap_att"] == "91.0 ± 1.4"
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [1, 2] and results["steps"] == 600
+    assert results["merged_from"] == [str(first), str(second)]
+    assert (out / "objectives.png").stat().st_size > 0
+
+
+def test_merge_refuses_a_run_in_two_files_and_files_of_different_steps(bench, tmp_path):
+    run = fake_run("clip", 1, seen=1.0, swap_att=0.6, gap=0.06)
+    first = results_file(tmp_path / "a.json", [run])
+    again = results_file(tmp_path / "b.json", [run])
+    shorter = results_file(tmp_path / "c.json", [fake_run("clip", 2, seen=1.0, swap_att=0.6,
+                                                          gap=0.06)], steps=300)
+    with pytest.raises(SystemExit, match="clip seed 1 is in both"):
+        bench.merge_results([first, again])
+    with pytest.raises(SystemExit, match="differ in steps"):
+        bench.merge_results([first, shorter])
