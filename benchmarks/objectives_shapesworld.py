@@ -419,6 +419,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def data_roots(results: Mapping[str, Any]) -> list[str]:
+    """The ShapesWorld folders a results document was scored on: one (a str) for a run of
+    this script, a list for a merged document."""
+    data = results["data"]
+    return data if isinstance(data, list) else [data]
+
+
 def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
     """One results document from the `results.json` of several invocations (runs made in
     pieces or on other machines): their steps and batch size must agree, and an (objective,
@@ -443,7 +450,7 @@ def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
     return {"models": sorted({m for doc in docs.values() for m in doc["models"]}),
             "steps": first["steps"], "batch_size": first["batch_size"],
             "seeds": sorted({run["seed"] for run in runs}),
-            "data": sorted({doc["data"] for doc in docs.values()}),
+            "data": sorted({root for doc in docs.values() for root in data_roots(doc)}),
             "suite": first["suite"], "merged_from": [str(path) for path in docs], "runs": runs}
 
 
@@ -451,9 +458,8 @@ def write_results(results: dict[str, Any], out: Path) -> str:
     """`table.md`, `results.json` (with the summary) and `objectives.png` in `out`; the
     table with its heading."""
     runs = results["runs"]
-    data = results["data"] if isinstance(results["data"], list) else [results["data"]]
     heading = (f"{', '.join(results['models'])} on ShapesWorld "
-               f"({', '.join(Path(d).name for d in data)}): {results['steps']} steps of "
+               f"({', '.join(Path(d).name for d in data_roots(results))}): {results['steps']} steps of "
                f"batch {results['batch_size']}, seeds {' '.join(map(str, results['seeds']))}; "
                "accuracies in %, mean ± std over seeds")
     text = f"{heading}\n\n{build_table(runs)}\n"
@@ -471,11 +477,15 @@ def write_results(results: dict[str, Any], out: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    if args.merge:
-        text = write_results(merge_results(args.merge), args.out)
-        print(f"\n{text}\nwrote {args.out / 'results.json'}, {args.out / 'table.md'}, "
-              f"{args.out / 'objectives.png'}")
-        return 0
+    results = merge_results(args.merge) if args.merge else train_and_score(args)
+    text = write_results(results, args.out)
+    print(f"\n{text}\nwrote {args.out / 'results.json'}, {args.out / 'table.md'}, "
+          f"{args.out / 'objectives.png'} ({time.perf_counter() - start:.0f} s in all)")
+    return 0
+
+
+def train_and_score(args: argparse.Namespace) -> dict[str, Any]:
+    """The results document of `args`: every run trained (or reused) and scored."""
     from vlp.eval import load_suite
 
     data_root, recipe_models = prepare_data(args.cache_dir)
@@ -484,13 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        overrides=[f"benchmarks.sugarcrepe.options.subsets={args.subsets}"],
                        progress=False)
     runs = run_all(args, suite, data_root)
-    results = {"models": models, "steps": args.steps, "batch_size": args.batch_size,
-               "seeds": args.seeds, "data": str(data_root),
-               "suite": str(SUITE.relative_to(REPO)), "runs": runs}
-    text = write_results(results, args.out)
-    print(f"\n{text}\nwrote {args.out / 'results.json'}, {args.out / 'table.md'}, "
-          f"{args.out / 'objectives.png'} ({time.perf_counter() - start:.0f} s in all)")
-    return 0
+    return {"models": models, "steps": args.steps, "batch_size": args.batch_size,
+            "seeds": args.seeds, "data": str(data_root),
+            "suite": str(SUITE.relative_to(REPO)), "runs": runs}
 
 
 if __name__ == "__main__":

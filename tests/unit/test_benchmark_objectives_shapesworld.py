@@ -228,3 +228,17 @@ def test_merge_refuses_a_run_in_two_files_and_files_of_different_steps(bench, tm
         bench.merge_results([first, again])
     with pytest.raises(SystemExit, match="differ in steps"):
         bench.merge_results([first, shorter])
+
+
+def test_a_merged_results_file_can_be_merged_again(bench, tmp_path):
+    first = results_file(tmp_path / "a.json", [fake_run("clip", 1, seen=1.0, swap_att=0.6,
+                                                        gap=0.06)])
+    second = results_file(tmp_path / "b.json", [fake_run("clip", 2, seen=1.0, swap_att=0.62,
+                                                         gap=0.05)])
+    bench.main(["--merge", str(first), str(second), "--out", str(tmp_path / "m")])
+    third = results_file(tmp_path / "c.json", [fake_run("siglip", 1, seen=0.9, swap_att=0.55,
+                                                        gap=1.0)])
+    merged = bench.merge_results([tmp_path / "m" / "results.json", third])
+    assert merged["data"] == ["/cache/shapesworld-x"]
+    assert [(r["objective"], r["seed"]) for r in merged["runs"]] == [
+        ("clip", 1), ("clip", 2), ("siglip", 1)]
