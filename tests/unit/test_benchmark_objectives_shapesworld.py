@@ -86,7 +86,7 @@ def test_every_training_override_is_the_same_for_every_objective(bench, tmp_path
     overrides = bench.train_overrides(tmp_path, steps=7, seed=2, batch_size=16, cache_dir="c")
     assert f"output_dir={tmp_path}" in overrides
     assert {"train.steps=7", "train.seed=2", "data.batch_size=16", "data.cache_dir=c",
-            "checkpoint.resume=never"} <= set(overrides)
+            "checkpoint.resume=never", "train.mixed_precision=no"} <= set(overrides)
     assert not any(o.startswith("model.") for o in overrides)  # each recipe's own model
     with_model = bench.train_overrides(tmp_path, steps=7, seed=2, batch_size=16, cache_dir="c",
                                        model="vlp-tiny")
@@ -182,16 +182,29 @@ def test_runs_train_jobs_at_a_time_and_a_trained_run_is_reused(bench, tmp_path, 
     assert len(again) == 6
 
 
+def test_runs_train_in_bf16_autocast_unless_told_otherwise(bench, tmp_path):
+    assert bench.parse_args([]).mixed_precision == "bf16"  # open_clip's default is amp too
+    assert bench.parse_args(["--mixed-precision", "no"]).mixed_precision == "no"
+    overrides = bench.train_overrides(tmp_path, steps=7, seed=2, batch_size=16, cache_dir="c",
+                                      mixed_precision="bf16")
+    assert "train.mixed_precision=bf16" in overrides
+
+
 def test_jobs_must_be_positive(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--jobs", "0"])
 
 
-def results_file(path: Path, runs: list[dict], *, steps: int = 600) -> Path:
+def results_file(path: Path, runs: list[dict], *, steps: int = 600,
+                 mixed_precision: str | None = "bf16") -> Path:
+    """A results.json as the script writes it; `mixed_precision=None`: as written before the
+    precision was recorded (those runs trained in fp32)."""
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    precision = {} if mixed_precision is None else {"mixed_precision": mixed_precision}
     path.write_text(json.dumps({"models": ["vlp-tiny-rn"], "steps": steps, "batch_size": 128,
+                                **precision,
                                 "seeds": sorted({r["seed"] for r in runs}),
                                 "data": "/cache/shapesworld-x", "suite": "eval/suites/s.yaml",
                                 "runs": runs}))
@@ -228,6 +241,20 @@ def test_merge_refuses_a_run_in_two_files_and_files_of_different_steps(bench, tm
         bench.merge_results([first, again])
     with pytest.raises(SystemExit, match="differ in steps"):
         bench.merge_results([first, shorter])
+
+
+def test_merge_refuses_runs_trained_in_different_precisions(bench, tmp_path):
+    bf16 = results_file(tmp_path / "a.json", [fake_run("clip", 1, seen=1.0, swap_att=0.6,
+                                                       gap=0.06)])
+    older = results_file(tmp_path / "b.json", [fake_run("clip", 2, seen=1.0, swap_att=0.6,
+                                                        gap=0.06)], mixed_precision=None)
+    fp32 = results_file(tmp_path / "c.json", [fake_run("siglip", 2, seen=1.0, swap_att=0.6,
+                                                       gap=0.06)], mixed_precision="no")
+    with pytest.raises(SystemExit, match="differ in mixed_precision"):
+        bench.merge_results([bf16, older])
+    merged = bench.merge_results([older, fp32])  # a file that does not say trained in fp32
+    assert merged["mixed_precision"] == "no"
+    assert "(fp32)" in bench.write_results(merged, tmp_path / "out").splitlines()[0]
 
 
 def test_a_merged_results_file_can_be_merged_again(bench, tmp_path):

@@ -98,3 +98,34 @@ def test_resuming_with_the_same_optim_settings_changes_nothing():
     assert apply_optim_settings(new_opt, new_sched, cfg, say=said.append) == [] and not said
     after = [dict(g, params=None, betas=tuple(g["betas"])) for g in new_opt.param_groups]
     assert after == [dict(g, betas=tuple(g["betas"])) for g in before]
+
+
+def test_the_update_is_one_fused_kernel_and_the_same_adamw_as_the_per_tensor_loop():
+    torch.manual_seed(0)
+    model = build_model("vlp-tiny-rn").model
+    reference = build_model("vlp-tiny-rn").model
+    reference.load_state_dict(model.state_dict())
+    start = model.token_embedding.weight.detach().clone()
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.98, eps=1e-6)
+    fused = build_optimizer(model, cfg)
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.AdamW(
+        [{"params": [dict(reference.named_parameters())[n] for n, _ in named], **opts}
+         for named, opts in _groups_by_name(model, fused)], foreach=False)
+    for _ in range(3):
+        for net in (model, reference):
+            for p in net.parameters():
+                p.grad = torch.ones_like(p) * 1e-3 * (1 + p.numel() % 7)
+        fused.step()
+        loop.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(model.token_embedding.weight, start)  # the steps did update
+
+
+def _groups_by_name(model, optimizer):
+    """`optimizer`'s param groups as (named params, hyper-parameters) of `model`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [([(names[id(p)], p) for p in group["params"]],
+             {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")})
+            for group in optimizer.param_groups]

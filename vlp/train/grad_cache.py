@@ -94,9 +94,14 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
 
 def forward(model: nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The model's output dict for one batch (hard-negative and positive captions included
-    when present)."""
+    when present). Images go in channels-last: convolutions run faster on it (oneDNN on CPU,
+    tensor cores under mixed precision), a convolutional tower keeps it to its last layer, and
+    the features are the same up to float rounding."""
     extra = {name: batch[name].to(device) for name in ("neg_text", "pos_text") if name in batch}
-    return model(batch["image"].to(device), batch["text"].to(device), **extra)
+    image = batch["image"].to(device)
+    if image.ndim == 4:  # N C H W
+        image = image.contiguous(memory_format=torch.channels_last)
+    return model(image, batch["text"].to(device), **extra)
 
 
 def cached_backward(
