@@ -112,8 +112,15 @@ def open_clip_command(args: argparse.Namespace, shards: str, logs: Path, name: s
         "--report-to": "", "--seed": 0,
     }
     argv = [str(x) for kv in flags.items() for x in kv]
-    return [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(MODEL_JSON), *argv,
+    return [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(model_json(args.model)), *argv,
             "--dataset-resampled"]
+
+
+def model_json(model: str) -> Path:
+    """The config open_clip registers: vlp's own for a vlp model, else vlp-tiny's (unused by an
+    open_clip model)."""
+    own = MODEL_JSON.with_name(f"{model}.json")
+    return own if own.is_file() else MODEL_JSON
 
 
 # ---------------------------------------------------------------- reading the trainers' logs
@@ -320,7 +327,8 @@ def parse_args() -> argparse.Namespace:
                         help="OMP_NUM_THREADS for both trainers (0 = torch's default)")
     parser.add_argument("--num-train", type=int, default=10_000, help="ShapesWorld samples")
     parser.add_argument("--model", default=MODEL,
-                        help="model for both trainers (vlp's vlp-tiny or an open_clip name)")
+                        help="model for both trainers (a vlp model such as vlp-tiny-rn, or an "
+                             "open_clip name)")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
                         help="ShapesWorld image size (each trainer resizes to its model's)")
     parser.add_argument("--device", default="cpu",
