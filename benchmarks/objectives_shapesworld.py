@@ -50,7 +50,8 @@ init and data order. Measured on each run's last checkpoint:
   modality gap ‖mean x − mean y‖ of the L2-normalised embeddings of matched pairs (each
   retrieval-set image with its first caption; `gap`).
 
-Default: 600 steps (the recipes' own length) in bf16 autocast (`--mixed-precision`, as
+Default: 600 steps (the negclip, gap and siglip recipes' own length; the main job's clip
+recipe runs 400) in bf16 autocast (`--mixed-precision`, as
 open_clip's default amp). At 300 steps negclip's binding effect is still below +10 and at 100
 neither tower yet tells a caption from its swap_att or replace_rel negative on the training
 images themselves (README, "Objectives on ShapesWorld"). bf16 trains ~1.5x faster than fp32

@@ -182,6 +182,14 @@ def test_runs_train_jobs_at_a_time_and_a_trained_run_is_reused(bench, tmp_path, 
     assert len(again) == 6
 
 
+def test_runs_train_as_long_as_the_objective_recipes_themselves(bench):
+    from vlp.config import load_config
+
+    steps = {name: load_config(bench.RECIPES[name]).train.steps
+             for name in bench.DEFAULT_OBJECTIVES if name != "clip"}  # clip: the 400-step main job
+    assert set(steps.values()) == {bench.parse_args([]).steps}, steps
+
+
 def test_runs_train_in_bf16_autocast_unless_told_otherwise(bench, tmp_path):
     assert bench.parse_args([]).mixed_precision == "bf16"  # open_clip's default is amp too
     assert bench.parse_args(["--mixed-precision", "no"]).mixed_precision == "no"
