@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -312,13 +313,28 @@ def _rank_main(rank: int, world_size: int, store_dir: str,
             name: job(rank, world_size, **kwargs)
             for name, (job, kwargs) in jobs_of(world_size).items()
         }
-        # No rank tears down its gloo connections while a peer may still be finishing the last
-        # collective: a rank of a short job once died in teardown with SIGABRT ("terminate
-        # called without an active exception") in CI. test_fsdp.py waits the same way.
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
+        raise
+    save_and_exit(results, os.path.join(store_dir, f"rank{rank}.pt"))
+
+
+def save_and_exit(results: Any, path: str) -> NoReturn:
+    """Save a spawned rank's results once every rank has finished, then end the process
+    without tearing its gloo group down.
+
+    Teardown is where ranks died: gloo's destructors, racing a peer that is closing its own
+    connections, abort with SIGABRT ("terminate called without an active exception", a
+    still-running std::thread destroyed). It happened twice in CI after every job had run (the
+    short multipos job; W4 gather softmax, 4 ranks on 2 cores), once even after the barrier
+    below. The results are complete by then, so the rank exits at once (`os._exit`): the
+    operating system closes its sockets, and no destructor runs.
+    """
+    dist.barrier()  # no rank leaves while a peer may still be in the last collective
+    torch.save(results, path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @functools.cache

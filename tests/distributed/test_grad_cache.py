@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.distributed.harness import save_and_exit
 from vlp.config import (
     ConfigError,
     DataConfig,
@@ -246,10 +247,10 @@ def ddp_rank(rank: int, store_dir: str) -> None:
             results[f"{objective_name}-{backend}"] = {
                 "loss": terms["loss"], "grads": gradients(model.module),
                 "reductions": reductions}
-        dist.barrier()  # as tests/distributed/harness.py: no teardown while a peer still works
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
+        raise
+    save_and_exit(results, os.path.join(store_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
