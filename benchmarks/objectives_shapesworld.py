@@ -51,8 +51,7 @@ init and data order. Measured on each run's last checkpoint:
   retrieval-set image with its first caption; `gap`).
 
 Default: 600 steps (the negclip, gap and siglip recipes' own length; the main job's clip
-recipe runs 400) in bf16 autocast (`--mixed-precision`, as
-open_clip's default amp). At 300 steps negclip's binding effect is still below +10 and at 100
+recipe runs 400) in bf16 autocast (`--mixed-precision`, as open_clip's default amp). At 300 steps negclip's binding effect is still below +10 and at 100
 neither tower yet tells a caption from its swap_att or replace_rel negative on the training
 images themselves (README, "Objectives on ShapesWorld"). bf16 trains ~1.5x faster than fp32
 on a CPU with bf16 units (AMX, avx512_bf16); on one without them, pass `--mixed-precision no`.
@@ -437,19 +436,15 @@ def data_roots(results: Mapping[str, Any]) -> list[str]:
     return data if isinstance(data, list) else [data]
 
 
-def precision(results: Mapping[str, Any]) -> str:
-    """The runs' train.mixed_precision (files written before it was recorded trained fp32)."""
-    return results.get("mixed_precision", "no")
-
-
 def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
     """One results document from the `results.json` of several invocations (runs made in
-    pieces or on other machines): their steps and batch size must agree, and an (objective,
-    seed) may come from one file only."""
-    docs = {path: json.loads(Path(path).read_text()) for path in paths}
+    pieces or on other machines): their steps, batch size and precision must agree, and an
+    (objective, seed) may come from one file only."""
+    # files written before the precision was recorded trained in fp32
+    docs = {path: {"mixed_precision": "no", **json.loads(Path(path).read_text())}
+            for path in paths}
     for key in ("steps", "batch_size", "mixed_precision"):
-        values = {path: precision(doc) if key == "mixed_precision" else doc[key]
-                  for path, doc in docs.items()}
+        values = {path: doc[key] for path, doc in docs.items()}
         if len(set(values.values())) > 1:
             raise SystemExit(f"--merge: the files differ in {key}: {values}")
     runs, origin = [], {}
@@ -466,7 +461,7 @@ def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
     first = next(iter(docs.values()))
     return {"models": sorted({m for doc in docs.values() for m in doc["models"]}),
             "steps": first["steps"], "batch_size": first["batch_size"],
-            "mixed_precision": precision(first), "seeds": sorted({run["seed"] for run in runs}),
+            "mixed_precision": first["mixed_precision"], "seeds": sorted({run["seed"] for run in runs}),
             "data": sorted({root for doc in docs.values() for root in data_roots(doc)}),
             "suite": first["suite"], "merged_from": [str(path) for path in docs], "runs": runs}
 
@@ -477,7 +472,7 @@ def write_results(results: dict[str, Any], out: Path) -> str:
     runs = results["runs"]
     heading = (f"{', '.join(results['models'])} on ShapesWorld "
                f"({', '.join(Path(d).name for d in data_roots(results))}): {results['steps']} steps of "
-               f"batch {results['batch_size']} ({PRECISION_NAMES[precision(results)]}), seeds "
+               f"batch {results['batch_size']} ({PRECISION_NAMES[results['mixed_precision']]}), seeds "
                f"{' '.join(map(str, results['seeds']))}; "
                "accuracies in %, mean ± std over seeds")
     text = f"{heading}\n\n{build_table(runs)}\n"
